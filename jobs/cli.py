@@ -1,0 +1,106 @@
+"""The `mmtrace` command line: `trace`, `bench`, `data`, `organism`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs.config import TraceConfig, load_yaml, make_config
+
+
+def _trace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of TraceConfig fields (flags override it)")
+    p.add_argument("--model", help="HF checkpoint folder or hub id (default: the embedded organism)")
+    p.add_argument("--dataset", help="vqa-constraints:DIR[:subset,...] | organism | organism:text | organism:named")
+    p.add_argument("--out", help="run folder (default: runs/trace)")
+    p.add_argument("--kinds", help="comma-separated sites to restore: mlp,attn,hidden (default: all three)")
+    p.add_argument("--window", type=int, help="window: 1 = one layer; w > 1 = layers i-w..i+w (authors' rule)")
+    p.add_argument("--window-style", choices=["radius", "width"], help="'width': w consecutive layers (ROME's rule)")
+    p.add_argument("--corruption", choices=["replace", "noise"])
+    p.add_argument("--replacement", help="word whose first token replaces every constraint token (default Paris)")
+    p.add_argument("--noise-scale", type=float, help="noise std in units of the embedding std (default 3)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--engine", choices=["fast", "reference"])
+    p.add_argument("--limit", type=int, help="trace only the first N samples")
+    p.add_argument("--images", help="image folders per subset: okvqa=/data/coco,multimodal_known=/data/known")
+    p.add_argument("--missing-images", choices=["error", "blank"],
+                   help="'blank': trace rows without an image on a uniform placeholder (marked in samples.parquet)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--revision", help="hub revision of --model")
+    p.add_argument("--trust-remote-code", action="store_true", default=None)
+    p.add_argument("--max-batch", type=int, help="rows per batched forward in the fast engine")
+    p.add_argument("--samples-per-unit", type=int, help="samples per committed work unit")
+    p.add_argument("--backend", choices=["local"], help="where the work runs")
+    p.add_argument("--resume", action="store_true", default=None, help="keep going in a folder that holds another run")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> TraceConfig:
+    from jobs.datasets import parse_image_dirs
+
+    flags = {f: getattr(args, f, None) for f in TraceConfig.__dataclass_fields__}
+    if args.images:
+        flags["images"] = parse_image_dirs(args.images)
+    return make_config(load_yaml(args.config) if args.config else None, **flags)
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from jobs.run import run_trace
+
+    cfg = config_from_args(args)
+    result = run_trace(cfg)
+    red = result.reduced
+    print(f"mmtrace: run {result.run_id}: {red.samples} samples ({red.ok} ok, {red.samples - red.ok} errors), "
+          f"{red.cells} cells; {result.computed_units} units computed, {result.skipped_units} already committed; "
+          f"{result.seconds:.1f} s", file=sys.stderr)
+    summary = result.out / "summary.md"
+    if summary.exists():
+        print(summary.read_text())
+    print(result.out)
+    return 0 if red.ok or not red.samples else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from jobs.bench import bench_trace
+
+    report = bench_trace(layers=args.layers, question=args.question, reference_cells=args.reference_cells,
+                         threads=args.threads)
+    print(json.dumps(report, indent=1) if args.json else report["text"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jobs.datasets.cli import add_parser as add_data
+    from jobs.organism.cli import add_parser as add_organism
+
+    parser = argparse.ArgumentParser(prog="mmtrace", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("trace", help="MultiModalCausalTrace over a dataset, into Parquet + summary + heatmaps")
+    _trace_args(t)
+    t.set_defaults(func=_trace)
+    b = sub.add_parser("bench", help="fast vs reference engine on a tiny 576-image-token LLaVA, in one run")
+    b.add_argument("--layers", type=int, default=4)
+    b.add_argument("--question", default="This mountain is located in the continent of")
+    b.add_argument("--reference-cells", type=int, default=None, help="time the oracle on this many cells only")
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_bench)
+    add_data(sub)
+    add_organism(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"mmtrace: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

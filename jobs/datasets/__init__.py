@@ -1,0 +1,133 @@
+"""Datasets by name: one spec string (`--dataset`) turns into the list of Samples a run traces.
+
+Specs:
+  vqa-constraints:DIR                         the three VQA-Constraints CSVs in DIR
+  vqa-constraints:DIR:okvqa,multimodal_known  only those subsets
+  vqa-constraints  /  vqa-constraints::okvqa  DIR defaults to where `mmtrace data download` puts the files
+  organism  /  organism:text  /  organism:named   the model organism's world (visual, text-only, named-over-image)
+
+A DIR containing ':' must end with '/' (`vqa-constraints:/a:b/`) so its last part is not read as subsets.
+`dataset_digest` hashes what the samples hold, so a run's manifest changes exactly when its inputs do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+from workers.spec import Sample
+
+from .vqa_constraints import (
+    EXPECTED_ROWS,
+    SUBSETS,
+    DatasetError,
+    default_data_dir,
+    load_vqa_constraints,
+    summarise,
+)
+
+__all__ = [
+    "DATASET_KINDS", "EXPECTED_ROWS", "ORGANISM_KINDS", "SUBSETS", "DatasetError", "dataset_digest",
+    "default_data_dir", "load_vqa_constraints", "parse_image_dirs", "parse_spec", "resolve_dataset", "summarise",
+]
+
+DATASET_KINDS = ("vqa-constraints", "organism")
+# `organism[:variant]` -> the `kind` passed to jobs.organism.organism_samples.
+ORGANISM_KINDS = {"": "visual", "text": "text", "named": "named"}
+
+SPEC_HELP = ("vqa-constraints[:DIR[:SUBSET,...]] or organism[:text|:named]; subsets: " + ", ".join(SUBSETS))
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
+    """(`"vqa-constraints"`, {root, subsets}) or (`"organism"`, {kind}); DatasetError says what is accepted."""
+    name, _, rest = spec.strip().partition(":")
+    if name == "vqa-constraints":
+        return name, _parse_vqa_rest(rest)
+    if name == "organism":
+        if rest not in ORGANISM_KINDS:
+            raise DatasetError(f"dataset {spec!r}: unknown organism variant {rest!r}; use organism, organism:text "
+                               f"or organism:named")
+        return name, {"kind": ORGANISM_KINDS[rest]}
+    raise DatasetError(f"dataset {spec!r}: unknown dataset {name!r}; use {SPEC_HELP}")
+
+
+def _parse_vqa_rest(rest: str) -> dict[str, object]:
+    """DIR[:SUBSETS]: the part after the last ':' is a subset list unless it holds a path separator."""
+    root, subsets = rest, SUBSETS
+    head, sep, tail = rest.rpartition(":")
+    if sep and "/" not in tail and "\\" not in tail:
+        root, subsets = head, (_parse_subsets(tail) if tail.strip() else SUBSETS)
+    return {"root": Path(root).expanduser() if root else default_data_dir(), "subsets": subsets}
+
+
+def _parse_subsets(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    unknown = [n for n in names if n not in SUBSETS]
+    if unknown or not names:
+        raise DatasetError(f"unknown VQA-Constraints subset(s) {unknown or [text]}; valid: {', '.join(SUBSETS)}")
+    return names
+
+
+def parse_image_dirs(text: str | None) -> dict[str, str]:
+    """`okvqa=/data/coco,multimodal_known=/data/known` -> {subset: folder} (the CLI's --images).
+
+    Folders holding ',' cannot be written this way; pass such a mapping from a config file instead.
+    """
+    dirs: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        subset, eq, folder = item.partition("=")
+        subset, folder = subset.strip(), folder.strip()
+        if not eq or not folder:
+            raise DatasetError(f"--images item {item.strip()!r}: expected SUBSET=DIR, e.g. okvqa=/data/coco")
+        if subset not in SUBSETS:
+            raise DatasetError(f"--images item {item.strip()!r}: unknown subset {subset!r}; "
+                               f"valid: {', '.join(SUBSETS)}")
+        if subset in dirs:
+            raise DatasetError(f"--images names {subset!r} twice; give one folder per subset")
+        dirs[subset] = folder
+    return dirs
+
+
+def resolve_dataset(
+    spec: str,
+    *,
+    images: Mapping[str, str | Path] | None = None,
+    missing_images: str = "error",
+    limit: int | None = None,
+) -> list[Sample]:
+    """The Samples named by `spec` (see the module docstring); `images`/`missing_images` apply to VQA only."""
+    name, args = parse_spec(spec)
+    if name == "organism":
+        if images:
+            raise DatasetError("--images applies to vqa-constraints only; the organism renders its own images")
+        return list(_organism_samples()(kind=args["kind"], limit=limit))
+    return load_vqa_constraints(args["root"], subsets=args["subsets"], images=images,
+                                missing_images=missing_images, limit=limit)
+
+
+def _organism_samples():
+    """`jobs.organism.organism_samples`, imported only when asked for (it pulls in the world and renderer);
+    falls back to `jobs.organism.dataset` while the package does not re-export it."""
+    import importlib
+
+    package = importlib.import_module("jobs.organism")
+    found = getattr(package, "organism_samples", None)
+    return found or importlib.import_module("jobs.organism.dataset").organism_samples
+
+
+def dataset_digest(samples: Iterable[Sample]) -> str:
+    """sha256 over every field of every sample, in order (order decides which unit traces what).
+
+    Images count by path, not by bytes: hashing ~9.5K image files per run would cost more than the check
+    is worth, and a changed file under the same path is the user's responsibility to rename.
+    """
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(json.dumps(asdict(sample), sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()

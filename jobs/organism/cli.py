@@ -1,0 +1,68 @@
+"""`mmtrace organism build|eval|path`: the organism's commands (the lead wires `add_parser` into `mmtrace`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .dataset import ORGANISM_NAME, cache_root
+    from .train import build_organism
+
+    out = Path(args.out) if args.out else cache_root() / (
+        ORGANISM_NAME if args.seed == 0 else ORGANISM_NAME.replace("seed0", f"seed{args.seed}"))
+    print(f"mmtrace: building the organism (seed {args.seed}) into {out}", file=sys.stderr)
+    path = build_organism(out, seed=args.seed, progress=not args.no_progress)
+    info = json.loads((path / "build.json").read_text())
+    print(f"mmtrace: organism built in {info['seconds']['total']:.0f} s: {path}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .dataset import ensure_organism
+    from .evaluate import evaluate_organism
+
+    root = Path(args.root) if args.root else ensure_organism()
+    print(json.dumps(evaluate_organism(root, limit=args.limit).to_dict(), indent=1))
+    return 0
+
+
+def _path(args: argparse.Namespace) -> int:
+    from .dataset import ensure_organism
+
+    print(ensure_organism())
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `organism {build,eval,path}` to an argparse subparsers object; each sets `func(args) -> int`."""
+    p = subparsers.add_parser("organism", help="the small LLaVA the project trains itself (the default model)")
+    sub = p.add_subparsers(dest="organism_command", required=True)
+    b = sub.add_parser("build", help="train the organism (deterministic from --seed; minutes on 2 cores)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default=None, help="folder to write (default: the cache, $MMTRACE_CACHE or ~/.cache/mmtrace)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=_build)
+    e = sub.add_parser("eval", help="accuracies and corruption effect of an organism folder")
+    e.add_argument("--root", default=None, help="organism folder (default: the cached one, built on first use)")
+    e.add_argument("--limit", type=int, default=None, help="at most this many questions per set")
+    e.set_defaults(func=_eval)
+    q = sub.add_parser("path", help="print the organism's folder, installing or building it on first use")
+    q.set_defaults(func=_path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry (`python -m jobs.organism.cli build`), for use before the lead's CLI wires it in."""
+    parser = argparse.ArgumentParser(prog="mmtrace")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["organism", *(argv if argv is not None else sys.argv[1:])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""The organism's synthetic factual world: entities, their facts, their pictures, and the questions about them.
+
+Everything here is a pure function of a seed, so a build, a test and the dataset registry all see the same
+world. The world is saved as JSON beside the model (`World.save` / `World.load`), so a shipped or cached
+organism carries the exact world it was trained on.
+
+Design choices that matter for causal tracing:
+- Entity names are two words, a unique word and a kind ("Zorbex Tower"); generic constraints are two words
+  too ("this building"), so a name replaces a constraint token for token (length-aligned corruption under
+  the word-level tokenizer). (Names made of two shared parts, "Zorbex Kalun", were tried first: facts about
+  such conjunctions did not start to be learnt within the time budget.)
+- Every attribute value is one word (one token), so "first-token accuracy" is answer accuracy.
+- Paraphrases are frames x relation nouns; a held-out paraphrase is an unseen (frame, noun) pair whose frame
+  and noun are both seen in training (with other partners), so it tests recombination, not new words.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+WORLD_VERSION = 1
+IMAGE_SIZE = 32
+
+# One-word attribute vocabularies (each value is a single token of the word-level tokenizer).
+RELATION_VALUES: dict[str, tuple[str, ...]] = {
+    "city": ("Lisbon", "Oslo", "Cairo", "Lima", "Quito", "Dakar", "Hanoi", "Perth", "Kyoto", "Turin", "Porto",
+             "Seattle", "Denver", "Boston", "Madrid", "Vienna", "Prague", "Dublin", "Nairobi", "Manila", "Riga",
+             "Tunis", "Accra", "Havana"),
+    "continent": ("Europe", "Asia", "Africa", "Oceania", "Antarctica", "Americas"),
+    "language": ("French", "Spanish", "German", "Hindi", "Arabic", "Swahili", "Japanese", "Korean", "Polish",
+                 "Greek", "Turkish", "Dutch"),
+    "owner": ("Siemens", "Toyota", "Nestle", "Sony", "Philips", "Nokia", "Boeing", "Lego", "Ikea", "Samsung",
+              "Honda", "Canon", "Intel", "Adidas", "Puma", "Heineken"),
+    "sport": ("football", "tennis", "cricket", "rugby", "hockey", "golf", "chess", "rowing", "judo", "fencing",
+              "cycling", "sailing"),
+}
+RELATIONS: tuple[str, ...] = tuple(RELATION_VALUES)
+
+# The generic constraint nouns a visual question may use for each relation ("this building", ...).
+CONSTRAINT_NOUNS: dict[str, tuple[str, ...]] = {
+    "city": ("building", "landmark"),
+    "continent": ("place", "landmark"),
+    "language": ("country", "place"),
+    "owner": ("brand", "company"),
+    "sport": ("team", "club"),
+}
+
+# Relation nouns: the word(s) in a question that say which attribute is asked for.
+RELATION_NOUNS: dict[str, tuple[str, ...]] = {
+    "city": ("city", "home city"),
+    "continent": ("continent", "home continent"),
+    "language": ("language", "main language"),
+    "owner": ("owner", "parent company"),
+    "sport": ("sport", "main sport"),
+}
+
+# Frames shared by every relation: {R} = relation noun, {X} = the subject (constraint or name).
+FRAMES: tuple[str, ...] = (
+    "The {R} of {X} is",
+    "{X} has the {R}",
+    "What is the {R} of {X}",
+    "Which {R} does {X} have",
+    "Name the {R} of {X}",
+    "Tell me the {R} of {X}",
+    "For {X} , the {R} is",
+    "The {R} for {X} would be",
+    "State the {R} of {X}",
+    "What {R} belongs to {X}",
+)
+
+# A few natural, relation-specific paraphrases (always trained): the Multimodal-Known style.
+NATURAL: dict[str, tuple[str, ...]] = {
+    "city": ("{X} is located in", "{X} is located in the city of"),
+    "continent": ("{X} is on the continent of", "{X} is located on the continent of"),
+    "language": ("The language spoken at {X} is", "People at {X} speak"),
+    "owner": ("The owner of {X} is", "{X} is owned by"),
+    "sport": ("{X} plays the sport of", "The sport played by {X} is"),
+}
+
+_SYLLABLES_A = ("zor", "kal", "vem", "tri", "mox", "bel", "dra", "qui", "sav", "lun", "fen", "gor", "hap", "jex",
+                "nid", "pol", "rav", "sek", "tov", "wun", "yar", "cib", "dun", "ost")
+_SYLLABLES_B = ("bex", "un", "ari", "oth", "ix", "ena", "ulf", "ada", "orn", "eth", "ika", "osk", "ump", "iva",
+                "ern", "als")
+
+KIND_WORDS = ("Tower", "Bridge", "Palace", "Gate", "Arena", "Castle", "Temple", "Market", "Garden", "Harbor")
+
+NUM_ENTITIES = 240  # known: trained on
+NUM_UNSEEN = 20  # kept out of training entirely, for later fact-insertion edits
+NUM_TRAIN_RENDERINGS = 24
+HELDOUT_RENDERINGS = (1000, 1001)  # rendering indices never drawn in training
+
+
+@dataclass(frozen=True)
+class Look:
+    """The fixed visual identity of one entity; a rendering adds shift, scale, colour jitter and noise."""
+
+    background: int  # index into PALETTE
+    colour: int  # index into PALETTE, != background
+    shape: int  # index into SHAPES
+    texture: int  # index into TEXTURES
+    glyph: int  # 4 bits: a 2x2 corner glyph
+    corner: int  # which corner the glyph sits in (0..3)
+
+
+PALETTE = np.array(
+    [[230, 57, 70], [29, 53, 87], [69, 123, 157], [241, 250, 238], [42, 157, 143], [233, 196, 106],
+     [244, 162, 97], [120, 60, 150], [20, 20, 20], [140, 200, 60]],
+    dtype=np.float32,
+)
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "hbar", "vbar")
+TEXTURES = ("solid", "hstripes", "vstripes", "checker")
+
+
+@dataclass(frozen=True)
+class Entity:
+    index: int
+    name: str  # two words
+    look: Look
+    facts: dict[str, str]
+    known: bool  # False for the held-out entities (never trained)
+
+
+@dataclass
+class World:
+    """All entities with their facts and looks, plus the paraphrase split. Saved as JSON with the model."""
+
+    seed: int
+    entities: list[Entity]
+    train_paraphrases: dict[str, list[str]]
+    heldout_paraphrases: dict[str, list[str]]
+    version: int = WORLD_VERSION
+    heldout_renderings: tuple[int, ...] = HELDOUT_RENDERINGS
+    num_train_renderings: int = NUM_TRAIN_RENDERINGS
+    relation_values: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(RELATION_VALUES))
+    constraint_nouns: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(CONSTRAINT_NOUNS))
+
+    @property
+    def known(self) -> list[Entity]:
+        return [e for e in self.entities if e.known]
+
+    @property
+    def unseen(self) -> list[Entity]:
+        return [e for e in self.entities if not e.known]
+
+    def all_words(self) -> list[str]:
+        """Every word any question, name or answer can contain: the tokenizer's vocabulary source."""
+        texts: list[str] = []
+        for r in RELATIONS:
+            texts += self.train_paraphrases[r] + self.heldout_paraphrases[r]
+            texts += [" ".join(n) for n in [("this", c) for c in self.constraint_nouns[r]]]
+            texts += [" ".join(("This", c)) for c in self.constraint_nouns[r]]
+            texts += list(self.relation_values[r])
+        texts += [e.name for e in self.entities]
+        return texts
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["heldout_renderings"] = list(self.heldout_renderings)
+        return d
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
+
+    @staticmethod
+    def load(path: Path) -> "World":
+        d = json.loads(Path(path).read_text())
+        entities = [Entity(index=e["index"], name=e["name"], look=Look(**e["look"]), facts=dict(e["facts"]),
+                           known=bool(e["known"])) for e in d["entities"]]
+        return World(seed=d["seed"], entities=entities, train_paraphrases=d["train_paraphrases"],
+                     heldout_paraphrases=d["heldout_paraphrases"], version=d["version"],
+                     heldout_renderings=tuple(d["heldout_renderings"]),
+                     num_train_renderings=d["num_train_renderings"],
+                     relation_values={k: tuple(v) for k, v in d["relation_values"].items()},
+                     constraint_nouns={k: tuple(v) for k, v in d["constraint_nouns"].items()})
+
+
+def _names(rng: np.random.Generator, count: int) -> list[str]:
+    """Two-word names, a unique word and a kind ("Zorbex Tower", like "Eiffel Tower"), distinct from every
+    other word. Two words so that a name replaces a two-word generic constraint token for token; the kind
+    word recurs across entities and says nothing about the facts, so only the first word identifies."""
+    words: set[str] = set()
+    while len(words) < count:
+        a, b = rng.choice(_SYLLABLES_A), rng.choice(_SYLLABLES_B)
+        c = rng.choice(_SYLLABLES_A + _SYLLABLES_B) if rng.random() < 0.5 else ""
+        words.add((a + b + c).capitalize())
+    firsts = sorted(words)
+    rng.shuffle(firsts)
+    return [f"{w} {KIND_WORDS[int(rng.integers(len(KIND_WORDS)))]}" for w in firsts]
+
+
+def _looks(rng: np.random.Generator, count: int) -> list[Look]:
+    """Distinct looks: no two entities share (background, colour, shape, texture, glyph, corner)."""
+    seen: set[tuple[int, ...]] = set()
+    looks: list[Look] = []
+    while len(looks) < count:
+        bg, col = rng.choice(len(PALETTE), size=2, replace=False)
+        key = (int(bg), int(col), int(rng.integers(len(SHAPES))), int(rng.integers(len(TEXTURES))),
+               int(rng.integers(1, 16)), int(rng.integers(4)))
+        if key[:4] in {k[:4] for k in seen}:  # the big features alone must already be distinctive
+            continue
+        seen.add(key)
+        looks.append(Look(*key))
+    return looks
+
+
+def _paraphrases(rng: np.random.Generator) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Frames x relation nouns per relation, 4 held out per relation; natural paraphrases always trained.
+
+    A held-out pair uses a frame and a noun that both occur in training, so held-out paraphrases contain no
+    unseen word: they test whether the model reads the relation noun wherever the frame puts it.
+    """
+    train: dict[str, list[str]] = {}
+    held: dict[str, list[str]] = {}
+    for ri, r in enumerate(RELATIONS):
+        combos = [(f, n) for f in range(len(FRAMES)) for n in range(len(RELATION_NOUNS[r]))]
+        order = rng.permutation(len(combos))
+        held_ids: list[int] = []
+        for k in order:  # take 4, never both nouns of one frame (each frame stays trained for r)
+            f, _ = combos[k]
+            if len(held_ids) < 4 and all(combos[h][0] != f for h in held_ids):
+                held_ids.append(int(k))
+        fill = lambda f, n: FRAMES[f].replace("{R}", RELATION_NOUNS[r][n])  # noqa: E731
+        held[r] = [fill(*combos[k]) for k in held_ids]
+        train[r] = list(NATURAL[r]) + [fill(*combos[k]) for k in range(len(combos)) if k not in held_ids]
+    return train, held
+
+
+def make_world(seed: int = 0) -> World:
+    """The world for a seed: names, looks, facts and the paraphrase split, all from one numpy Generator."""
+    rng = np.random.default_rng(seed)
+    total = NUM_ENTITIES + NUM_UNSEEN
+    names = _names(rng, total)
+    looks = _looks(rng, total)
+    unseen = set(rng.choice(total, size=NUM_UNSEEN, replace=False).tolist())
+    entities = []
+    for i in range(total):
+        facts = {r: str(RELATION_VALUES[r][rng.integers(len(RELATION_VALUES[r]))]) for r in RELATIONS}
+        entities.append(Entity(index=i, name=names[i], look=looks[i], facts=facts, known=i not in unseen))
+    train, held = _paraphrases(rng)
+    return World(seed=seed, entities=entities, train_paraphrases=train, heldout_paraphrases=held)
+
+
+# ---------------------------------------------------------------------------------------------- questions
+
+def fill(paraphrase: str, subject: str) -> str:
+    """Put the subject into a paraphrase, capitalising a generic subject that opens the sentence."""
+    if paraphrase.startswith("{X}") and subject[:1].islower():
+        subject = subject[:1].upper() + subject[1:]
+    return paraphrase.replace("{X}", subject)
+
+
+def generic_constraint(paraphrase: str, noun: str) -> str:
+    """The generic constraint as it appears in the filled question ("This building" or "this building")."""
+    return ("This " if paraphrase.startswith("{X}") else "this ") + noun
+
+
+# ---------------------------------------------------------------------------------------------- renderer
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    au, av = np.abs(u), np.abs(v)
+    if shape == "circle":
+        return u * u + v * v <= 1.0
+    if shape == "square":
+        return (au <= 0.8) & (av <= 0.8)
+    if shape == "triangle":
+        return (v <= 0.8) & (v >= -0.9 + 1.7 * au)
+    if shape == "diamond":
+        return au + av <= 1.0
+    if shape == "cross":
+        return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
+    if shape == "ring":
+        rr = u * u + v * v
+        return (rr <= 1.0) & (rr >= 0.35)
+    if shape == "hbar":
+        return (au <= 1.0) & (av <= 0.4)
+    if shape == "vbar":
+        return (av <= 1.0) & (au <= 0.4)
+    raise ValueError(shape)
+
+
+def _texture(texture: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """A multiplicative brightness pattern in image coordinates (so shift moves it with the shape)."""
+    if texture == "solid":
+        return np.ones_like(x)
+    if texture == "hstripes":
+        return np.where((y // 2) % 2 == 0, 1.0, 0.45)
+    if texture == "vstripes":
+        return np.where((x // 2) % 2 == 0, 1.0, 0.45)
+    if texture == "checker":
+        return np.where(((x // 3) + (y // 3)) % 2 == 0, 1.0, 0.45)
+    raise ValueError(texture)
+
+
+def render(look: Look, seed: int, entity: int, rendering: int) -> np.ndarray:
+    """One rendering (H, W, 3) uint8 of an entity: its look plus this rendering's shift, scale, jitter, noise.
+
+    Deterministic in (seed, entity, rendering): training draws renderings 0..N-1, held-out ones use indices
+    that training never draws, so held-out renderings are genuinely new pictures of known entities.
+    """
+    rng = np.random.default_rng([seed, 7919, entity, rendering])
+    size = IMAGE_SIZE
+    dx, dy = rng.integers(-3, 4, size=2)
+    scale = rng.uniform(0.75, 1.1) * size * 0.36
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = size / 2 + dx, size / 2 + dy
+    u, v = (xs - cx) / scale, (ys - cy) / scale
+    bg = PALETTE[look.background] + rng.normal(0, 12, 3)
+    fg = PALETTE[look.colour] + rng.normal(0, 12, 3)
+    img = np.broadcast_to(bg, (size, size, 3)).copy()
+    mask = _shape_mask(SHAPES[look.shape], u, v)
+    tex = _texture(TEXTURES[look.texture], xs - dx, ys - dy)
+    img[mask] = (fg[None, :] * tex[mask][:, None])
+    # the 2x2 glyph: four 3px cells in one corner, white where the bit is set, black otherwise
+    gx0 = 1 + (look.corner % 2) * (size - 8) + int(rng.integers(-1, 2))
+    gy0 = 1 + (look.corner // 2) * (size - 8) + int(rng.integers(-1, 2))
+    for bit in range(4):
+        on = (look.glyph >> bit) & 1
+        x0, y0 = gx0 + (bit % 2) * 3, gy0 + (bit // 2) * 3
+        img[y0:y0 + 3, x0:x0 + 3] = 250.0 if on else 5.0
+    img += rng.normal(0, 10, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)

@@ -1,0 +1,139 @@
+"""`mmtrace trace`: resolve the model and data, plan units, run them on a backend, commit, reduce."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from cluster.executor import make_executor
+from cluster.store import RunStore
+from jobs.config import ORGANISM, TraceConfig
+from jobs.plan import plan_units
+from jobs.reduce import Reduced, reduce_run, write_unit
+from workers.spec import Sample
+from workers.worker import ModelSpec, TraceWorker
+
+CODE_ROOTS = ("workers", "jobs", "cluster")
+
+
+def resolve_model(model: str) -> str:
+    if model == ORGANISM:
+        from jobs.organism import ensure_organism
+
+        return str(ensure_organism())
+    return model
+
+
+def load_samples(cfg: TraceConfig) -> list[Sample]:
+    from jobs.datasets import resolve_dataset
+
+    return resolve_dataset(cfg.dataset, images=cfg.images or None, missing_images=cfg.missing_images,
+                           limit=cfg.limit)
+
+
+def model_fingerprint(path: str) -> str:
+    """A content hash of a local checkpoint: config, file sizes and the head and tail of each weight file.
+
+    Reading whole 14 GB checkpoints to name a run would cost more than tracing a sample; a changed
+    checkpoint changes its config, a size, or the bytes at either end of a shard in every realistic case.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if f.stat().st_size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def code_version() -> str:
+    """Package version, git commit if any, and a hash of the source (what actually ran)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    here = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for root in CODE_ROOTS:
+        for f in sorted((here / root).rglob("*.py")):
+            h.update(f.read_bytes())
+    try:
+        pkg = version("mmtrace")
+    except PackageNotFoundError:
+        pkg = "0+unknown"
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{pkg}+{rev or 'nogit'}.src{h.hexdigest()[:10]}"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    out: Path
+    computed_units: int
+    skipped_units: int
+    reduced: Reduced
+    seconds: float
+
+
+def _manifest(cfg: TraceConfig, run_id: str, model_path: str, samples: list[Sample], unit_ids: list[str]) -> dict:
+    from jobs.datasets import dataset_digest
+
+    return {"run_id": run_id, "config": asdict(cfg), "model": {"id": cfg.model, "path": model_path,
+            "revision": cfg.revision, "fingerprint": model_fingerprint(model_path)},
+            "dataset": {"spec": cfg.dataset, "digest": dataset_digest(samples), "samples": len(samples)},
+            "code_version": code_version(), "units": unit_ids}
+
+
+def run_id_for(cfg: TraceConfig, model_path: str, samples: list[Sample]) -> str:
+    from jobs.datasets import dataset_digest
+
+    blob = f"{cfg.digest()}:{model_fingerprint(model_path)}:{dataset_digest(samples)}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_trace(cfg: TraceConfig) -> RunResult:
+    """Trace every sample of the dataset into `cfg.out`; committed units of the same run are never redone."""
+    started = time.perf_counter()
+    model_path = resolve_model(cfg.model)
+    samples = load_samples(cfg)
+    run_id = run_id_for(cfg, model_path, samples)
+    store = RunStore(cfg.out)
+    old = store.read_manifest()
+    if old and old.get("run_id") != run_id and store.committed() and not cfg.resume:
+        raise ValueError(f"{cfg.out} holds run {old.get('run_id')} with another config, model or dataset; "
+                         "choose a new --out, or pass --resume to add this run's units beside it")
+    store.clean_partial()
+    units = plan_units(samples, run_id, cfg.samples_per_unit)
+    store.write_manifest(_manifest(cfg, run_id, model_path, samples, [u.unit_id for u in units]))
+    done = store.committed()
+    todo = [u for u in units if u.unit_id not in done]
+    model = ModelSpec(model_path, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code)
+    factory = partial(TraceWorker, model, cfg.trace_spec(), cfg.engine)
+    bar = tqdm(total=len(samples), initial=len(samples) - sum(len(u.samples) for u in todo), unit="sample",
+               desc="trace", disable=not cfg.progress, file=sys.stderr)
+    cells = 0
+    with bar:
+        for unit, result in make_executor(cfg.backend).map_units(factory, todo):
+            store.commit(unit.unit_id, partial(write_unit, result=result))
+            cells += result.cells.num_rows
+            bar.update(len(unit.samples))
+            bar.set_postfix(cells=cells, errors=sum(r["status"] != "ok" for r in result.samples), refresh=False)
+    reduced = reduce_run(cfg.out, [u.unit_id for u in units], plots=cfg.plots,
+                         title=f"{Path(cfg.model).name} on {cfg.dataset}")
+    return RunResult(run_id, Path(cfg.out), len(todo), len(units) - len(todo), reduced,
+                     time.perf_counter() - started)

@@ -1,0 +1,29 @@
+"""Session fixtures: each tiny model is built from its config once, saved, and loaded like a real checkpoint."""
+
+import pytest
+import torch
+
+from workers.adapters import load_adapter
+from workers.toy import build_tiny_llama, build_tiny_llava
+
+torch.set_num_threads(1)  # tiny models: a second thread buys little and oversubscribes a busy machine
+
+
+@pytest.fixture(scope="session")
+def llava_dir(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), layers=4)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), layers=3)
+
+
+@pytest.fixture(scope="session")
+def llava(llava_dir):
+    return load_adapter(str(llava_dir))
+
+
+@pytest.fixture(scope="session")
+def llama(llama_dir):
+    return load_adapter(str(llama_dir))

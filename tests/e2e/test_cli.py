@@ -1,0 +1,85 @@
+"""`mmtrace trace` end to end on real VQA-Constraints questions: Parquet that pandas, pyarrow and DuckDB read."""
+
+import json
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow.dataset as pads
+import pytest
+
+from jobs.cli import main
+from workers.cells import CELL_SCHEMA, SAMPLE_SCHEMA
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "vqa_constraints"
+REQUIRED = ["sample_id", "kind", "layer", "window", "position", "token", "token_role", "p_clean", "p_corrupt",
+            "p_restored", "ie"]
+
+
+@pytest.fixture(scope="module")
+def run(llava_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "trace"
+    argv = ["trace", "--model", str(llava_dir), "--dataset", f"vqa-constraints:{DATA}", "--limit", "20",
+            "--missing-images", "blank", "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_outputs_are_written_and_readable_everywhere(run):
+    out, _ = run
+    cells_pd = pd.read_parquet(out / "cells")
+    assert set(REQUIRED) <= set(cells_pd.columns)
+    assert pads.dataset(out / "cells").schema.equals(CELL_SCHEMA)
+    n_arrow = pads.dataset(out / "cells").count_rows()
+    n_duck, ie_duck = duckdb.sql(f"select count(*), sum(ie) from read_parquet('{out}/cells/*.parquet')").fetchall()[0]
+    assert len(cells_pd) == n_arrow == n_duck > 0
+    assert abs(cells_pd["ie"].sum() - ie_duck) < 1e-9
+    assert set(cells_pd["kind"]) == {"mlp", "attn", "hidden"}
+    assert set(cells_pd["token_role"]) == {"image", "before", "constraint", "after", "last"}
+
+    samples = pd.read_parquet(out / "samples.parquet")
+    assert list(samples.columns) == SAMPLE_SCHEMA.names
+    assert len(samples) == 20 and samples["sample_id"].is_unique
+    assert samples["placeholder_image"].all()
+    errors = samples.set_index("sample_id")["error"]
+    assert "okvqa row 14" in errors["okvqa/14"] and "does not occur" in errors["okvqa/14"]
+    ok = samples[samples.status == "ok"]
+    assert len(ok) == 18 and set(cells_pd["sample_id"]) == set(ok["sample_id"])
+    assert (ok["num_cells"].sum()) == len(cells_pd)
+    duck_samples = duckdb.sql(f"select count(*) from read_parquet('{out}/samples.parquet')").fetchall()[0][0]
+    assert duck_samples == 20
+
+
+def test_summary_heatmaps_and_manifest(run):
+    out, _ = run
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert set(summary["kind"]) == {"mlp", "attn", "hidden"} and set(summary["layer"]) == {0, 1, 2, 3}
+    for name in ("heatmap.png", "heatmap_mlp.png", "heatmap_attn.png", "heatmap_hidden.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"]["samples"] == 20 and len(manifest["units"]) == 20
+    assert manifest["config"]["missing_images"] == "blank" and manifest["code_version"]
+    assert len(manifest["model"]["fingerprint"]) == 16
+
+
+def test_rerun_computes_nothing_and_changes_nothing(run, capsys):
+    out, argv = run
+    before = pd.read_parquet(out / "cells")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "0 units computed, 20 already committed" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(before, pd.read_parquet(out / "cells"))
+
+
+def test_another_config_into_the_same_folder_is_refused(run, capsys):
+    out, argv = run
+    assert main([*argv, "--window", "3"]) == 2
+    assert "another config" in capsys.readouterr().err
+
+
+def test_unknown_config_key_is_an_error_before_work(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("windw: 3\n")
+    assert main(["trace", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "windw" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

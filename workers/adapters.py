@@ -1,0 +1,234 @@
+"""Loading a checkpoint and mapping it to what tracing needs: layers, sites, embeddings, image span, prompts.
+
+One small class per model family. `LlavaAdapter` serves LLaVA-family image-text-to-text models (vision tower
+-> projector -> decoder LLM); `CausalLMAdapter` serves plain text LMs, for the LLM-vs-MLLM comparison. A new
+family is one subclass that says where its decoder layers live and how it encodes a sample.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from workers.encoding import find_constraint, token_span
+from workers.spec import BLANK_IMAGE, DEFAULT_TEMPLATE, TEXT_TEMPLATE, Encoded, Sample, build_prompt
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# The per-model settings file mmtrace reads beside a checkpoint (prompt templates); optional.
+SETTINGS_FILE = "mmtrace.json"
+
+
+class SampleError(ValueError):
+    """A sample that cannot be encoded; the run records the message for that sample and goes on."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What identifies the loaded weights in a run's manifest."""
+
+    name: str
+    family: str
+    revision: str | None
+    num_layers: int
+    dtype: str
+
+
+class Adapter:
+    """Base: a loaded model plus the knowledge of where its parts are."""
+
+    family = "base"
+
+    def __init__(self, model, tokenizer, processor=None, name: str = "", revision: str | None = None,
+                 templates: dict | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.name = name
+        self.revision = revision
+        self.templates = templates or {}
+
+    # -- structure -------------------------------------------------------------------------------------
+    @cached_property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        raise NotImplementedError  # each family says where its decoder lives
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.decoder.parameters()).dtype
+
+    @property
+    def embed_tokens(self) -> torch.nn.Module:
+        return self.decoder.embed_tokens
+
+    def site(self, kind: str, layer: int) -> torch.nn.Module:
+        """The module whose output a restoration of `kind` at `layer` replaces."""
+        block = self.layers[layer]
+        if kind == "hidden":
+            return block
+        return getattr(block, {"mlp": "mlp", "attn": "self_attn"}[kind])
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.name, self.family, self.revision, self.num_layers, str(self.dtype).replace("torch.", ""))
+
+    # -- inputs ----------------------------------------------------------------------------------------
+    def template(self, visual: bool) -> str:
+        return self.templates.get("visual" if visual else "text") or (DEFAULT_TEMPLATE if visual else TEXT_TEMPLATE)
+
+    def encode(self, sample: Sample) -> Encoded:
+        raise NotImplementedError  # each family encodes with its own processor
+
+    def token_id(self, text: str) -> int:
+        """The first token of `text` as it appears after a space mid-sentence (the authors' `encode(w)[1]`)."""
+        for candidate in (" " + text, text):
+            ids = self.tokenizer(candidate, add_special_tokens=False)["input_ids"]
+            if ids:
+                return int(ids[0])
+        raise SampleError(f"the replacement {text!r} tokenises to nothing")
+
+    def span_ids(self, text: str, length: int, sample_id: str) -> list[int]:
+        """Token ids of a per-sample replacement, which must have exactly the constraint's token length."""
+        ids = self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
+        if len(ids) != length:
+            raise SampleError(
+                f"{sample_id}: corrupt_constraint {text!r} has {len(ids)} tokens but the constraint has {length}; "
+                "a replacement must keep the sequence length")
+        return [int(i) for i in ids]
+
+    def _locate(self, sample: Sample, prompt: str, offsets, expanded_shift: int) -> tuple[int, int]:
+        """Token span of the constraint: characters in the question -> characters in the prompt -> tokens."""
+        question_at = prompt.index(build_prompt(sample.question, False, "{question}"))
+        cs, ce = find_constraint(sample.question, sample.constraint)
+        shift = question_at + expanded_shift
+        return token_span(offsets, cs + shift, ce + shift)
+
+
+class CausalLMAdapter(Adapter):
+    """Plain decoder-only text LMs (Llama and kin): the text-only side of the comparison."""
+
+    family = "causal-lm"
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.model.model
+
+    def encode(self, sample: Sample) -> Encoded:
+        if sample.is_visual:
+            raise SampleError(f"{sample.sample_id}: {self.name} is a text-only model but the sample has an image")
+        prompt = build_prompt(sample.question, False, self.template(False))
+        enc = self.tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
+        span = self._locate(sample, prompt, enc["offset_mapping"][0].tolist(), 0)
+        ids = enc["input_ids"]
+        return Encoded(ids, None, span, None, 0, self.tokenizer.convert_ids_to_tokens(ids[0].tolist()))
+
+
+class LlavaAdapter(Adapter):
+    """LLaVA-family image-text-to-text models (transformers 5 module paths)."""
+
+    family = "llava"
+
+    @property
+    def decoder(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    @cached_property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @cached_property
+    def image_token(self) -> str:
+        return getattr(self.processor, "image_token", None) or self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+    @cached_property
+    def image_size(self) -> tuple[int, int]:
+        size = self.model.config.vision_config.image_size
+        return (size, size) if isinstance(size, int) else tuple(size)
+
+    def load_image(self, sample: Sample) -> Image.Image:
+        if sample.image == BLANK_IMAGE:
+            return Image.new("RGB", self.image_size, (128, 128, 128))
+        try:
+            with Image.open(sample.image) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError) as exc:
+            raise SampleError(f"{sample.sample_id}: cannot read image {sample.image!r} ({exc}); fix the file or "
+                              "pass --missing-images blank") from exc
+
+    def encode(self, sample: Sample) -> Encoded:
+        if not sample.is_visual:
+            return self._encode_text(sample)
+        prompt = build_prompt(sample.question, True, self.template(True))
+        enc = self.processor(text=prompt, images=self.load_image(sample), return_offsets_mapping=True,
+                             return_tensors="pt")
+        ids = enc["input_ids"]
+        where = (ids[0] == self.image_token_id).nonzero().flatten()
+        if len(where) == 0:
+            raise SampleError(f"{sample.sample_id}: the prompt template has no {self.image_token!r} placeholder")
+        image_span = (int(where[0]), int(where[-1]) + 1)
+        if image_span[1] - image_span[0] != len(where):
+            raise SampleError(f"{sample.sample_id}: image tokens are not contiguous")
+        # The processor expands each image placeholder before tokenising; offsets index the expanded prompt.
+        question_at = prompt.index(build_prompt(sample.question, False, "{question}"))
+        n_before = prompt[:question_at].count(self.image_token)
+        shift = n_before * (len(where) - 1) * len(self.image_token)
+        span = self._locate(sample, prompt, enc["offset_mapping"][0].tolist(), shift)
+        return Encoded(ids, enc["pixel_values"].to(self.dtype), span, image_span, image_span[1] - 1,
+                       self.tokenizer.convert_ids_to_tokens(ids[0].tolist()))
+
+    def _encode_text(self, sample: Sample) -> Encoded:
+        """An MLLM asked without an image (the organism's text-only twins): the decoder alone."""
+        prompt = build_prompt(sample.question, False, self.template(False))
+        enc = self.tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
+        span = self._locate(sample, prompt, enc["offset_mapping"][0].tolist(), 0)
+        ids = enc["input_ids"]
+        return Encoded(ids, None, span, None, 0, self.tokenizer.convert_ids_to_tokens(ids[0].tolist()))
+
+
+def _settings(path: Path) -> dict:
+    f = path / SETTINGS_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def load_adapter(model: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None,
+                 trust_remote_code: bool = False) -> Adapter:
+    """Load a checkpoint (local folder or hub id) as the right adapter; safetensors only.
+
+    Image-text-to-text configs (those with a vision_config) load as LLaVA-family models, everything else as
+    a causal LM. `trust_remote_code` stays off unless the user asks, since it runs the checkpoint's code.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} not among {sorted(DTYPES)}")
+    kw = dict(revision=revision, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(model, **kw)
+    load = dict(kw, dtype=DTYPES[dtype], use_safetensors=True)
+    local = Path(model)
+    settings = _settings(local) if local.is_dir() else {}
+    if getattr(config, "vision_config", None) is not None:
+        net = AutoModelForImageTextToText.from_pretrained(model, **load).to(device)
+        processor = AutoProcessor.from_pretrained(model, **kw)
+        adapter: Adapter = LlavaAdapter(net, processor.tokenizer, processor, model, revision, settings.get("templates"))
+    else:
+        net = AutoModelForCausalLM.from_pretrained(model, **load).to(device)
+        adapter = CausalLMAdapter(net, AutoTokenizer.from_pretrained(model, **kw), None, model, revision,
+                                  settings.get("templates"))
+    return adapter

@@ -1,0 +1,160 @@
+"""Interventions as data, applied through one set of hooks.
+
+A `Restore` says: in this batch row, replace the output of `kind` at `position`, in each of `layers`, by a
+clean value. A batch is a list of restore sets, one per row. `restoring` applies them for the duration of a
+forward pass, taking clean values from a `Source`: either states recorded from an earlier clean pass
+(`Recorded`, the fast engine) or row 0 of the same pass (`SameBatchRow`, the authors' 3-row scheme, the
+reference engine). `recording` captures states; `perturbing` edits the token embeddings of chosen rows
+(Gaussian-noise corruption). Engines, attention knockout and edits all go through here, so there is one place
+that knows module output shapes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Copy the clean output of `kind` at absolute `position` into this row, in each of `layers`."""
+
+    kind: str
+    layers: tuple[int, ...]
+    position: int
+
+
+def _main_tensor(output):
+    """The hidden-state tensor in a module's output: attention returns (attn_output, weights)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class Source:
+    """Where clean values come from."""
+
+    def values(self, kind: str, layer: int, positions: torch.Tensor, live: torch.Tensor, offset: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SameBatchRow(Source):
+    """Row `row` of the very pass being patched (the authors' clean row 0)."""
+
+    def __init__(self, row: int = 0):
+        self.row = row
+
+    def values(self, kind, layer, positions, live, offset):
+        return live[self.row, positions - offset].clone()
+
+
+class Recorded(Source):
+    """States recorded from a clean pass: `states[kind]` is (layers, T, d) for positions [base, base + T)."""
+
+    def __init__(self, states: dict[str, torch.Tensor], base: int = 0):
+        self.states = states
+        self.base = base
+
+    def values(self, kind, layer, positions, live, offset):
+        return self.states[kind][layer, positions - self.base].to(live.dtype)
+
+
+def _index(rows: Sequence[Sequence[Restore]]) -> dict[tuple[str, int], tuple[list[int], list[int]]]:
+    """(kind, layer) -> (batch rows, positions) to patch, so each hook does one indexed write."""
+    where: dict[tuple[str, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for b, restores in enumerate(rows):
+        for r in restores:
+            for layer in r.layers:
+                where[(r.kind, layer)][0].append(b)
+                where[(r.kind, layer)][1].append(r.position)
+    return where
+
+
+@contextmanager
+def restoring(adapter, rows: Sequence[Sequence[Restore]], source: Source, offset: int = 0) -> Iterator[None]:
+    """Apply `rows[b]` to batch row b during forwards inside the block.
+
+    `offset` is the absolute position of the first input token (non-zero when a KV cache holds the prefix).
+    The write is in place on the module's output, so the residual addition downstream sees the clean value.
+    """
+    handles = []
+    try:
+        for (kind, layer), (b, pos) in _index(rows).items():
+            b_t, pos_t = torch.tensor(b), torch.tensor(pos)
+
+            def hook(module, args, output, kind=kind, layer=layer, b_t=b_t, pos_t=pos_t):
+                live = _main_tensor(output)
+                live[b_t, pos_t - offset] = source.values(kind, layer, pos_t, live, offset)
+                return output
+
+            handles.append(adapter.site(kind, layer).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def recording(adapter, kinds: Sequence[str], start: int = 0) -> Iterator[dict[str, list]]:
+    """Record row 0's outputs of every layer's `kinds` sites at positions >= `start`.
+
+    Yields a dict kind -> list over layers, filled during the forward; `stack_recorded` turns it into the
+    (layers, T, d) tensors `Recorded` expects.
+    """
+    store: dict[str, list] = {k: [None] * adapter.num_layers for k in kinds}
+    handles = []
+    try:
+        for kind in kinds:
+            for layer in range(adapter.num_layers):
+                def hook(module, args, output, kind=kind, layer=layer):
+                    store[kind][layer] = _main_tensor(output)[0, start:].detach().clone()
+
+                handles.append(adapter.site(kind, layer).register_forward_hook(hook))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def stack_recorded(store: dict[str, list]) -> dict[str, torch.Tensor]:
+    return {kind: torch.stack(per_layer) for kind, per_layer in store.items()}
+
+
+@contextmanager
+def perturbing(adapter, rows: Sequence[int], positions: Sequence[int], delta: torch.Tensor) -> Iterator[None]:
+    """Add `delta` (len(positions), d) to the token embeddings of `rows` at `positions`."""
+    rows_t = torch.tensor(list(rows)).repeat_interleave(len(positions))
+    pos_t = torch.tensor(list(positions)).repeat(len(rows))
+    add = delta.repeat(len(rows), 1)
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[rows_t, pos_t] += add.to(output.dtype)
+        return output
+
+    handle = adapter.embed_tokens.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def capturing_embeds(adapter) -> Iterator[dict]:
+    """Capture the merged input embeddings the decoder receives (image features already scattered in)."""
+    box: dict = {}
+
+    def pre_hook(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:  # a text model called with ids embeds them inside the decoder
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            embeds = adapter.embed_tokens(ids)
+        box["embeds"] = embeds.detach().clone()
+
+    handle = adapter.decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield box
+    finally:
+        handle.remove()

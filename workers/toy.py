@@ -1,0 +1,79 @@
+"""Tiny models built from configs, saved as real Hugging Face checkpoints.
+
+Tests and benchmarks load them back through `load_adapter`, i.e. through exactly the code path of a
+downloaded checkpoint. The LLaVA one keeps LLaVA-1.5's geometry where it matters for cost and indexing:
+a 336 px CLIP tower with 14 px patches, hence 576 image tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+CORPUS = [
+    "USER: This building is located in? Answer in a few words.\nASSISTANT: Seattle",
+    "USER: This mountain is located in the continent of? Answer in a few words.\nASSISTANT: Antarctica",
+    "USER: The Space Needle is located in? Answer in a few words.\nASSISTANT: Paris city",
+    "USER: What sport can you use this for? Name a movie directed by this director?",
+    "The owner of this brand is. This service is owned by. What toy is this?",
+]
+
+
+def train_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained here with `tokenizers`, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator((corpus or CORPUS) * 4, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+
+
+def _llama_config(vocab: int, layers: int, width: int, seed_scale: float):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       initializer_range=seed_scale, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+def build_tiny_llava(out: str | Path, layers: int = 4, width: int = 64, vision_layers: int = 2, seed: int = 0,
+                     init_scale: float = 0.3) -> Path:
+    """A random LlavaForConditionalGeneration with 576 image tokens, saved with its processor."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = train_tokenizer()
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=vision_layers, num_attention_heads=2)
+    config = LlavaConfig(vision_config=vision, text_config=_llama_config(len(tok), layers, width, init_scale),
+                         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(config).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_llama(out: str | Path, layers: int = 4, width: int = 64, seed: int = 0, init_scale: float = 0.3) -> Path:
+    """A random text-only LlamaForCausalLM with its tokenizer, for the LLM side of the comparison."""
+    from transformers import LlamaForCausalLM
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = train_tokenizer()
+    model = LlamaForCausalLM(_llama_config(len(tok), layers, width, init_scale)).eval()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

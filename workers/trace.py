@@ -1,0 +1,298 @@
+"""MultiModalCausalTrace: two engines, one answer.
+
+`ReferenceEngine` is the authors' procedure, naive on purpose: one forward pass per cell over the whole
+sequence (vision tower included), rows [clean, corrupted, corrupted+restored], the clean values taken from
+row 0 of the same pass. It is the oracle and the benchmark baseline.
+
+`FastEngine` computes the same numbers with exact shortcuts:
+- the vision tower and the clean pass run once per sample, and the clean states are recorded;
+- the corrupted run is computed once, and its KV cache serves every cell: a restoration at position t leaves
+  positions < t untouched, so a cell only runs positions t..T-1 on top of the corrupted cache cropped to t;
+- cells at the same position are batched (one row per (kind, window)) up to `max_batch` rows a pass;
+- a cell before the first constraint token restores a state equal to the corrupted one (the clean and
+  corrupted inputs agree there), so its p_restored is p_corrupt exactly and it costs nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from typing import Iterable
+
+import pyarrow as pa
+import torch
+
+from workers.adapters import Adapter, SampleError
+from workers.cells import CELL_SCHEMA, normalised_ie
+from workers.encoding import ConstraintNotFound
+from workers.patching import (Recorded, Restore, SameBatchRow, capturing_embeds, perturbing, recording,
+                              restoring, stack_recorded)
+from workers.spec import Encoded, Sample, TraceSpec
+
+
+@dataclass(frozen=True)
+class CellKey:
+    """One cell of a sample's grid: restore `kind` in the window centred on `layer`, at `position`."""
+
+    kind: str
+    layer: int
+    position: int
+
+
+@dataclass
+class Corruption:
+    """How the corrupted run differs from the clean one: new ids at the constraint, or embedding noise."""
+
+    ids: torch.Tensor  # (1, T) input ids of the corrupted run
+    noise: torch.Tensor | None  # (constraint length, d) added to the constraint's embeddings, or None
+    token: str  # what replaced the constraint, for the record ("" for noise)
+
+
+@dataclass
+class Prepared:
+    """A sample after its clean and corrupted runs: everything its cells need, reusable across grid slices."""
+
+    sample: Sample
+    enc: Encoded
+    corruption: Corruption
+    target: int
+    p_clean: float
+    p_corrupt: float
+    extra: dict
+
+
+@dataclass
+class SampleTrace:
+    """What a trace of one sample returns: its SAMPLE_SCHEMA row and its cells (CELL_SCHEMA)."""
+
+    sample: dict
+    cells: pa.Table
+
+
+def _sample_seed(seed: int, sample_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:8], "little") >> 1
+
+
+def make_corruption(adapter: Adapter, sample: Sample, enc: Encoded, spec: TraceSpec) -> Corruption:
+    start, end = enc.constraint
+    ids = enc.input_ids.clone()
+    if spec.corruption == "noise":
+        gen = torch.Generator().manual_seed(_sample_seed(spec.seed, sample.sample_id))
+        weight = adapter.embed_tokens.weight
+        sigma = float(weight.detach().float().std())
+        noise = spec.noise_scale * sigma * torch.randn(end - start, weight.shape[1], generator=gen)
+        return Corruption(ids, noise.to(adapter.dtype), "")
+    if sample.corrupt_constraint:
+        new = adapter.span_ids(sample.corrupt_constraint, end - start, sample.sample_id)
+        ids[0, start:end] = torch.tensor(new)
+        return Corruption(ids, None, sample.corrupt_constraint)
+    ids[0, start:end] = adapter.token_id(spec.replacement)
+    return Corruption(ids, None, spec.replacement)
+
+
+def grid(enc: Encoded, spec: TraceSpec, num_layers: int) -> list[CellKey]:
+    """Every cell of a sample: each kind x layer x position from the first traced position to the end."""
+    return [CellKey(kind, layer, pos) for kind in spec.kinds for layer in range(num_layers)
+            for pos in range(enc.first_traced, enc.length)]
+
+
+def _prob(logits: torch.Tensor, target: int) -> torch.Tensor:
+    return logits[:, -1].float().softmax(-1)[:, target]
+
+
+class Engine:
+    """Shared by both engines: preparing a sample and turning cell values into rows."""
+
+    name = "engine"
+
+    def __init__(self, adapter: Adapter, spec: TraceSpec):
+        self.adapter = adapter
+        self.spec = spec
+
+    def prepare(self, sample: Sample) -> Prepared:
+        raise NotImplementedError
+
+    def restored(self, prep: Prepared, keys: list[CellKey]) -> tuple[list[float], list[bool]]:
+        """p_restored for each key, and whether it took a forward pass."""
+        raise NotImplementedError
+
+    def cells(self, prep: Prepared, keys: Iterable[CellKey] | None = None) -> pa.Table:
+        keys = list(keys) if keys is not None else grid(prep.enc, self.spec, self.adapter.num_layers)
+        with torch.no_grad():
+            values, computed = self.restored(prep, keys)
+        return self._table(prep, keys, values, computed)
+
+    def _table(self, prep: Prepared, keys, values, computed) -> pa.Table:
+        enc, n = prep.enc, self.adapter.num_layers
+        windows = [self.spec.layers_for(k.layer, n) for k in keys]
+        ie = [v - prep.p_corrupt for v in values]
+        cols = {
+            "sample_id": [prep.sample.sample_id] * len(keys),
+            "kind": [k.kind for k in keys],
+            "layer": [k.layer for k in keys],
+            "window": [self.spec.window] * len(keys),
+            "layer_lo": [w[0] for w in windows],
+            "layer_hi": [w[-1] for w in windows],
+            "position": [k.position for k in keys],
+            "token": [enc.tokens[k.position] for k in keys],
+            "token_role": [enc.role(k.position) for k in keys],
+            "aligned_role": [enc.aligned_role(k.position) for k in keys],
+            "p_clean": [prep.p_clean] * len(keys),
+            "p_corrupt": [prep.p_corrupt] * len(keys),
+            "p_restored": values,
+            "ie": ie,
+            "ie_norm": [normalised_ie(x, prep.p_clean, prep.p_corrupt) for x in ie],
+            "computed": computed,
+        }
+        return pa.table(cols, schema=CELL_SCHEMA)
+
+    def _model_inputs(self, enc: Encoded, rows: int) -> dict:
+        dev = self.adapter.device
+        out = {}
+        if enc.pixel_values is not None:
+            out["pixel_values"] = enc.pixel_values.to(dev).expand(rows, *enc.pixel_values.shape[1:])
+        return out
+
+
+class ReferenceEngine(Engine):
+    """The authors' loop: 3 rows (clean, corrupted, restored) over the full sequence, one cell per pass."""
+
+    name = "reference"
+
+    def _batch(self, prep: Prepared, restore: list[Restore] | None) -> torch.Tensor:
+        enc, cor = prep.enc, prep.corruption
+        ids = torch.cat([enc.input_ids, cor.ids, cor.ids]).to(self.adapter.device)
+        rows = [[], [], restore or []]
+        with restoring(self.adapter, rows, SameBatchRow(0)), self._noise(prep):
+            return self.adapter.model(input_ids=ids, **self._model_inputs(enc, 3)).logits
+
+    def _noise(self, prep: Prepared):
+        from contextlib import nullcontext
+
+        cor = prep.corruption
+        if cor.noise is None:
+            return nullcontext()
+        return perturbing(self.adapter, [1, 2], list(range(*prep.enc.constraint)), cor.noise)
+
+    def prepare(self, sample: Sample) -> Prepared:
+        enc = self.adapter.encode(sample)
+        cor = make_corruption(self.adapter, sample, enc, self.spec)
+        prep = Prepared(sample, enc, cor, -1, 0.0, 0.0, {})
+        with torch.no_grad():
+            logits = self._batch(prep, None)
+        probs = logits[:, -1].float().softmax(-1)
+        prep.target = int(probs[0].argmax())
+        prep.p_clean, prep.p_corrupt = float(probs[0, prep.target]), float(probs[1, prep.target])
+        return prep
+
+    def restored(self, prep, keys):
+        n = self.adapter.num_layers
+        values = []
+        for k in keys:
+            restore = [Restore(k.kind, self.spec.layers_for(k.layer, n), k.position)]
+            values.append(float(_prob(self._batch(prep, restore)[2:3], prep.target)))
+        return values, [True] * len(keys)
+
+
+class FastEngine(Engine):
+    """Same numbers as the reference, from one clean pass, one corrupted pass and cached prefixes."""
+
+    name = "fast"
+
+    def prepare(self, sample: Sample) -> Prepared:
+        ad = self.adapter
+        enc = ad.encode(sample)
+        cor = make_corruption(ad, sample, enc, self.spec)
+        start = enc.constraint[0]
+        dev = ad.device
+        with torch.no_grad():
+            with capturing_embeds(ad) as box, recording(ad, self.spec.kinds, start=start) as store:
+                clean = ad.model(input_ids=enc.input_ids.to(dev), **self._model_inputs(enc, 1), logits_to_keep=1)
+            embeds = box["embeds"]
+            corrupt_embeds = embeds.clone()
+            s, e = enc.constraint
+            if cor.noise is not None:
+                corrupt_embeds[0, s:e] += cor.noise.to(dev)
+            else:
+                corrupt_embeds[0, s:e] = ad.embed_tokens(cor.ids[:, s:e].to(dev))[0]
+            out = ad.model(inputs_embeds=corrupt_embeds, use_cache=True, logits_to_keep=1)
+        probs_clean = clean.logits[0, -1].float().softmax(-1)
+        target = int(probs_clean.argmax())
+        p_corrupt = float(_prob(out.logits, target))
+        extra = {"states": Recorded(stack_recorded(store), base=start), "embeds": corrupt_embeds,
+                 "cache": out.cache}
+        return Prepared(sample, enc, cor, target, float(probs_clean[target]), p_corrupt, extra)
+
+    def restored(self, prep, keys):
+        values = [prep.p_corrupt] * len(keys)
+        computed = [False] * len(keys)
+        start = prep.enc.constraint[0]
+        by_position: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            if k.position >= start:
+                by_position.setdefault(k.position, []).append(i)
+        for position, idx in sorted(by_position.items()):
+            for lo in range(0, len(idx), self.spec.max_batch):
+                chunk = idx[lo:lo + self.spec.max_batch]
+                probs = self._run(prep, position, [keys[i] for i in chunk])
+                for i, p in zip(chunk, probs.tolist()):
+                    values[i], computed[i] = p, True
+        return values, computed
+
+    def _run(self, prep: Prepared, position: int, keys: list[CellKey]) -> torch.Tensor:
+        """One batched pass: rows restore their cell at `position`, on the corrupted cache cropped there."""
+        n, rows = self.adapter.num_layers, len(keys)
+        cache = copy.deepcopy(prep.extra["cache"])
+        cache.crop(position - prep.enc.length)  # a negative count: drop the last T - position states
+        cache.batch_repeat_interleave(rows)
+        embeds = prep.extra["embeds"][:, position:].expand(rows, -1, -1)
+        restores = [[Restore(k.kind, self.spec.layers_for(k.layer, n), position)] for k in keys]
+        with restoring(self.adapter, restores, prep.extra["states"], offset=position):
+            out = self.adapter.model(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
+        return _prob(out.logits, prep.target)
+
+
+ENGINES = {"fast": FastEngine, "reference": ReferenceEngine}
+
+
+def make_engine(name: str, adapter: Adapter, spec: TraceSpec) -> Engine:
+    if name not in ENGINES:
+        raise ValueError(f"engine {name!r} not among {sorted(ENGINES)}")
+    return ENGINES[name](adapter, spec)
+
+
+def sample_row(prep: Prepared | None, sample: Sample, num_cells: int = 0, error: str | None = None) -> dict:
+    """The SAMPLE_SCHEMA row of a traced (or failed) sample."""
+    enc = prep.enc if prep else None
+    tok = prep is not None and prep.target >= 0
+    return {
+        "sample_id": sample.sample_id, "subset": sample.subset, "question": sample.question,
+        "constraint": sample.constraint, "answer": sample.answer,
+        "answer_token": prep.extra.get("answer_token") if tok else None,
+        "answer_token_id": prep.target if tok else None,
+        "p_clean": prep.p_clean if prep else None, "p_corrupt": prep.p_corrupt if prep else None,
+        "corrupt_token": prep.corruption.token if prep else None,
+        "num_tokens": enc.length if enc else None,
+        "constraint_start": enc.constraint[0] if enc else None, "constraint_end": enc.constraint[1] if enc else None,
+        "first_traced": enc.first_traced if enc else None,
+        "placeholder_image": sample.placeholder_image, "num_cells": num_cells,
+        "status": "error" if error else "ok", "error": error,
+    }
+
+
+def trace_sample(adapter: Adapter, sample: Sample, spec: TraceSpec, engine: str | Engine = "fast",
+                 keys: Iterable[CellKey] | None = None) -> SampleTrace:
+    """Trace one sample; a sample that cannot be traced returns an error row and no cells, never raises."""
+    eng = make_engine(engine, adapter, spec) if isinstance(engine, str) else engine
+    empty = CELL_SCHEMA.empty_table()
+    if sample.error:
+        return SampleTrace(sample_row(None, sample, error=sample.error), empty)
+    try:
+        prep = eng.prepare(sample)
+    except (SampleError, ConstraintNotFound, ValueError) as exc:
+        msg = str(exc) if sample.sample_id in str(exc) else f"{sample.sample_id}: {exc}"
+        return SampleTrace(sample_row(None, sample, error=msg), empty)
+    prep.extra["answer_token"] = adapter.tokenizer.decode([prep.target])
+    table = eng.cells(prep, keys)
+    return SampleTrace(sample_row(prep, sample, table.num_rows), table)
