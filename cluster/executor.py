@@ -1,31 +1,69 @@
 """The executor interface every backend implements (after submitit's: small, picklable jobs).
 
-A backend maps a worker over work units. The worker is built by a factory once per process (so a model is
-loaded once and stays resident) and called on each unit; results come back as they finish, in any order.
+`map_units` runs a worker over work units: the worker is built by `factory()` once per process (so a model
+is loaded once and stays resident) and called on each unit; each result goes to `sink(unit, result)` where
+the backend lands it (in-process, a reducer actor, an array task beside a shared folder) and the sink's small
+return value comes back to the driver, in completion order. `submit` runs one function as a job (a reduce,
+an edit) with the resources it asks for. The driver never needs the results themselves.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 WorkerFactory = Callable[[], Callable[[Any], Any]]
+Sink = Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks for; backends map it to their own terms (Ray num_gpus, Slurm --gpus)."""
+
+    gpus: int = 0
+    cpus: float = 1
+    mem_gb: float | None = None
+    timeout_min: int = 60
+
+
+class Job(ABC):
+    """A submitted function's handle."""
+
+    @abstractmethod
+    def result(self) -> Any:
+        """Block until done; return the value or raise the job's error."""
+
+
+class DoneJob(Job):
+    def __init__(self, value: Any):
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
 
 
 class Executor(ABC):
-    """Runs `factory()` somewhere and feeds it units; yields (unit, result) pairs as they complete."""
-
     name = "executor"
 
     @abstractmethod
-    def map_units(self, factory: WorkerFactory, units: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
-        """Yield (unit, worker(unit)) for every unit, each computed at least once."""
+    def map_units(self, factory: WorkerFactory, units: Iterable[Any], sink: Sink) -> Iterator[tuple[Any, Any]]:
+        """Yield (unit, sink(unit, worker(unit))) for every unit; each unit is computed at least once."""
+
+    @abstractmethod
+    def submit(self, fn: Callable[..., Any], *args: Any, resources: Resources = Resources(), **kwargs: Any) -> Job:
+        """Run `fn(*args, **kwargs)` as one job."""
 
 
-def make_executor(backend: str, **options) -> Executor:
-    if backend == "local":
-        from cluster.local import LocalExecutor
+BACKENDS = {"local": "cluster.local:LocalExecutor"}
 
-        return LocalExecutor(**options)
-    raise ValueError(f"backend {backend!r} is not available; known: local")
+
+def make_executor(backend: str, **options: Any) -> Executor:
+    """The backend named `backend`, imported only when asked for (Ray and submitit are heavy imports)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not available; known: {sorted(BACKENDS)}")
+    module, cls = BACKENDS[backend].split(":")
+    import importlib
+
+    return getattr(importlib.import_module(module), cls)(**options)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from cluster.executor import Executor, WorkerFactory
+from cluster.executor import DoneJob, Executor, Job, Resources, Sink, WorkerFactory
 
 
 class LocalExecutor(Executor):
     name = "local"
 
-    def map_units(self, factory: WorkerFactory, units: Iterable[Any]) -> Iterator[tuple[Any, Any]]:
+    def map_units(self, factory: WorkerFactory, units: Iterable[Any], sink: Sink) -> Iterator[tuple[Any, Any]]:
+        units = list(units)
+        if not units:
+            return
         worker = factory()
         for unit in units:
-            yield unit, worker(unit)
+            yield unit, sink(unit, worker(unit))
+
+    def submit(self, fn: Callable[..., Any], *args: Any, resources: Resources = Resources(), **kwargs: Any) -> Job:
+        return DoneJob(fn(*args, **kwargs))

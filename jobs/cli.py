@@ -32,8 +32,8 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", default=None)
     p.add_argument("--max-batch", type=int, help="rows per batched forward in the fast engine")
     p.add_argument("--samples-per-unit", type=int, help="samples per committed work unit")
+    p.add_argument("--layers-per-unit", type=int, help="layers per unit (default: a kind's whole depth)")
     p.add_argument("--backend", choices=["local"], help="where the work runs")
-    p.add_argument("--resume", action="store_true", default=None, help="keep going in a folder that holds another run")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
 

@@ -42,8 +42,8 @@ class TraceConfig:
     trust_remote_code: bool = False
     max_batch: int = 64
     samples_per_unit: int = 1
+    layers_per_unit: int | None = None
     backend: str = "local"
-    resume: bool = False
     progress: bool = True
     plots: bool = True
 
@@ -66,7 +66,8 @@ class TraceConfig:
 
     def identity(self) -> dict:
         """The fields that change results; where outputs go and how work is spread do not."""
-        skip = {"out", "resume", "progress", "plots", "backend", "max_batch", "samples_per_unit", "device"}
+        skip = {"out", "resume", "progress", "plots", "backend", "max_batch", "samples_per_unit", "layers_per_unit",
+                "device"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
     def digest(self) -> str:

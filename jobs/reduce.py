@@ -30,6 +30,21 @@ def write_unit(folder: Path, result: UnitResult) -> None:
     pq.write_table(report.samples_table(result.samples), folder / UNIT_SAMPLES)
 
 
+@dataclass(frozen=True)
+class UnitSink:
+    """Commits a unit's result into the run store, wherever the backend calls it; returns a small receipt.
+
+    Picklable, so a Ray reducer actor or a Slurm array task can hold it; committing twice is harmless.
+    """
+
+    out: str
+
+    def __call__(self, unit, result: UnitResult) -> dict:
+        fresh = RunStore(self.out).commit(unit.unit_id, lambda folder: write_unit(folder, result))
+        return {"unit_id": unit.unit_id, "cells": result.cells.num_rows, "fresh": fresh,
+                "samples": [r["sample_id"] for r in result.samples]}
+
+
 @dataclass
 class Reduced:
     samples: int
@@ -54,16 +69,16 @@ def reduce_run(out: str | Path, unit_ids: list[str], plots: bool = True, title: 
     committed = store.committed()
     present = [u for u in unit_ids if u in committed]  # the plan's order: the dataset's order
     staging = out / f".reduce-{uuid.uuid4().hex[:8]}"
-    seen: set[str] = set()
-    samples: list[dict] = []
+    by_id: dict[str, dict] = {}  # a sample's row comes with each of its slices; its cell counts add up
     parts, buffer, rows, n_cells = 0, [], 0, 0
     try:
         for uid in present:
             folder = store.unit_dir(uid)
             for row in pq.read_table(folder / UNIT_SAMPLES).to_pylist():
-                if row["sample_id"] not in seen:
-                    seen.add(row["sample_id"])
-                    samples.append(row)
+                if row["sample_id"] in by_id:
+                    by_id[row["sample_id"]]["num_cells"] += row["num_cells"]
+                else:
+                    by_id[row["sample_id"]] = row
             table = pq.read_table(folder / UNIT_CELLS, schema=CELL_SCHEMA)
             buffer.append(table)
             rows += table.num_rows
@@ -77,6 +92,7 @@ def reduce_run(out: str | Path, unit_ids: list[str], plots: bool = True, title: 
         _swap_in(staging / report.CELLS_DIR, out / report.CELLS_DIR)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    samples = list(by_id.values())
     paths = {"cells": out / report.CELLS_DIR, "samples": report.write_samples(out, samples)}
     ok = sum(r["status"] == "ok" for r in samples)
     if n_cells:

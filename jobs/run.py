@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 from cluster.executor import make_executor
 from cluster.store import RunStore
 from jobs.config import ORGANISM, TraceConfig
-from jobs.plan import plan_units
-from jobs.reduce import Reduced, reduce_run, write_unit
+from jobs.plan import plan_units, unit_base
+from jobs.reduce import Reduced, UnitSink, reduce_run
+from workers.adapters import num_decoder_layers
 from workers.spec import Sample
 from workers.worker import ModelSpec, TraceWorker
 
@@ -107,33 +108,37 @@ def run_id_for(cfg: TraceConfig, model_path: str, samples: list[Sample]) -> str:
 
 
 def run_trace(cfg: TraceConfig) -> RunResult:
-    """Trace every sample of the dataset into `cfg.out`; committed units of the same run are never redone."""
+    """Trace every sample of the dataset into `cfg.out`; units already committed there are never redone.
+
+    A folder may hold units of earlier configs: they are kept (a later run may need them again) but the
+    reducer merges only this run's units into the tables.
+    """
     started = time.perf_counter()
     model_path = resolve_model(cfg.model)
     samples = load_samples(cfg)
     run_id = run_id_for(cfg, model_path, samples)
     store = RunStore(cfg.out)
-    old = store.read_manifest()
-    if old and old.get("run_id") != run_id and store.committed() and not cfg.resume:
-        raise ValueError(f"{cfg.out} holds run {old.get('run_id')} with another config, model or dataset; "
-                         "choose a new --out, or pass --resume to add this run's units beside it")
     store.clean_partial()
-    units = plan_units(samples, run_id, cfg.samples_per_unit)
+    spec = cfg.trace_spec()
+    base = unit_base(model_fingerprint(model_path), spec, cfg.engine)
+    layers = num_decoder_layers(model_path, cfg.revision, cfg.trust_remote_code)
+    units = plan_units(samples, base, spec.kinds, layers, cfg.samples_per_unit, cfg.layers_per_unit)
     store.write_manifest(_manifest(cfg, run_id, model_path, samples, [u.unit_id for u in units]))
     done = store.committed()
     todo = [u for u in units if u.unit_id not in done]
     model = ModelSpec(model_path, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code)
-    factory = partial(TraceWorker, model, cfg.trace_spec(), cfg.engine)
-    bar = tqdm(total=len(samples), initial=len(samples) - sum(len(u.samples) for u in todo), unit="sample",
-               desc="trace", disable=not cfg.progress, file=sys.stderr)
-    cells = 0
+    factory = partial(TraceWorker, model, spec, cfg.engine)
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", desc="trace",
+               disable=not cfg.progress, file=sys.stderr)
+    executor = make_executor(cfg.backend)
+    cells, traced = 0, set()
     with bar:
-        for unit, result in make_executor(cfg.backend).map_units(factory, todo):
-            store.commit(unit.unit_id, partial(write_unit, result=result))
-            cells += result.cells.num_rows
-            bar.update(len(unit.samples))
-            bar.set_postfix(cells=cells, errors=sum(r["status"] != "ok" for r in result.samples), refresh=False)
-    reduced = reduce_run(cfg.out, [u.unit_id for u in units], plots=cfg.plots,
-                         title=f"{Path(cfg.model).name} on {cfg.dataset}")
+        for _, receipt in executor.map_units(factory, todo, UnitSink(str(cfg.out))):
+            cells += receipt["cells"]
+            traced.update(receipt["samples"])
+            bar.update(1)
+            bar.set_postfix(samples=len(traced), cells=cells, refresh=False)
+    reduced = executor.submit(reduce_run, cfg.out, [u.unit_id for u in units], plots=cfg.plots,
+                              title=f"{Path(cfg.model).name} on {cfg.dataset}").result()
     return RunResult(run_id, Path(cfg.out), len(todo), len(units) - len(todo), reduced,
                      time.perf_counter() - started)

@@ -207,6 +207,15 @@ def _settings(path: Path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
+def num_decoder_layers(model: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
+    """The decoder depth from the config alone, so a planner can slice grids without loading weights."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    text = getattr(config, "text_config", None) or config
+    return int(text.num_hidden_layers)
+
+
 def load_adapter(model: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None,
                  trust_remote_code: bool = False) -> Adapter:
     """Load a checkpoint (local folder or hub id) as the right adapter; safetensors only.

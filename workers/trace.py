@@ -91,10 +91,11 @@ def make_corruption(adapter: Adapter, sample: Sample, enc: Encoded, spec: TraceS
     return Corruption(ids, None, spec.replacement)
 
 
-def grid(enc: Encoded, spec: TraceSpec, num_layers: int) -> list[CellKey]:
-    """Every cell of a sample: each kind x layer x position from the first traced position to the end."""
-    return [CellKey(kind, layer, pos) for kind in spec.kinds for layer in range(num_layers)
-            for pos in range(enc.first_traced, enc.length)]
+def grid(enc: Encoded, spec: TraceSpec, num_layers: int,
+         grid_slice: Iterable[tuple[str, int]] | None = None) -> list[CellKey]:
+    """The cells of a sample: each (kind, layer) of the slice (default: all) x every traced position."""
+    pairs = grid_slice if grid_slice is not None else [(k, l) for k in spec.kinds for l in range(num_layers)]
+    return [CellKey(kind, layer, pos) for kind, layer in pairs for pos in range(enc.first_traced, enc.length)]
 
 
 def _prob(logits: torch.Tensor, target: int) -> torch.Tensor:
@@ -282,17 +283,24 @@ def sample_row(prep: Prepared | None, sample: Sample, num_cells: int = 0, error:
 
 
 def trace_sample(adapter: Adapter, sample: Sample, spec: TraceSpec, engine: str | Engine = "fast",
-                 keys: Iterable[CellKey] | None = None) -> SampleTrace:
-    """Trace one sample; a sample that cannot be traced returns an error row and no cells, never raises."""
+                 keys: Iterable[CellKey] | None = None, grid_slice: Iterable[tuple[str, int]] | None = None,
+                 prepare=None) -> SampleTrace:
+    """Trace one sample (all cells, the given `keys`, or a `grid_slice` of (kind, layer) pairs).
+
+    A sample that cannot be encoded returns an error row and no cells rather than raising. `prepare`
+    lets a caller reuse a prepared sample across slices (the worker keeps the last one).
+    """
     eng = make_engine(engine, adapter, spec) if isinstance(engine, str) else engine
     empty = CELL_SCHEMA.empty_table()
     if sample.error:
         return SampleTrace(sample_row(None, sample, error=sample.error), empty)
     try:
-        prep = eng.prepare(sample)
+        prep = (prepare or eng.prepare)(sample)
     except (SampleError, ConstraintNotFound, ValueError) as exc:
         msg = str(exc) if sample.sample_id in str(exc) else f"{sample.sample_id}: {exc}"
         return SampleTrace(sample_row(None, sample, error=msg), empty)
     prep.extra["answer_token"] = adapter.tokenizer.decode([prep.target])
+    if keys is None:
+        keys = grid(prep.enc, spec, adapter.num_layers, grid_slice)
     table = eng.cells(prep, keys)
     return SampleTrace(sample_row(prep, sample, table.num_rows), table)

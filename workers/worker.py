@@ -6,7 +6,7 @@ prepared sample (its clean states and corrupted cache), so consecutive slices of
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
@@ -14,7 +14,7 @@ import torch
 from workers.adapters import load_adapter
 from workers.cells import CELL_SCHEMA
 from workers.spec import Sample, TraceSpec
-from workers.trace import CellKey, SampleTrace, make_engine, trace_sample
+from workers.trace import SampleTrace, make_engine, sample_row, trace_sample
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,12 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class TraceUnit:
-    """A unit of work: samples to trace, all cells or `keys[i]` (a slice of the grid) for sample i."""
+    """A unit of work: samples to trace, each over `grid_slice`, the (kind, layer) pairs to compute at
+    every traced position (None = the whole grid). Slicing lets one long sample feed several workers."""
 
     unit_id: str
     samples: tuple[Sample, ...]
-    keys: tuple[tuple[CellKey, ...] | None, ...] = field(default=())
+    grid_slice: tuple[tuple[str, int], ...] | None = None
 
 
 @dataclass
@@ -53,11 +54,24 @@ class TraceWorker:
             torch.set_num_threads(model.threads)
         self.adapter = load_adapter(model.path, model.dtype, model.device, model.revision, model.trust_remote_code)
         self.engine = make_engine(engine, self.adapter, spec)
+        self._last: tuple[Sample, object] | None = None  # the last prepared sample, reused by its next slice
+
+    def _prepared(self, sample: Sample):
+        if self._last is None or self._last[0] != sample:
+            self._last = (sample, self.engine.prepare(sample))
+        return self._last[1]
 
     def __call__(self, unit: TraceUnit) -> UnitResult:
-        traces: list[SampleTrace] = []
-        for i, sample in enumerate(unit.samples):
-            keys = unit.keys[i] if i < len(unit.keys) else None
-            traces.append(trace_sample(self.adapter, sample, self.engine.spec, self.engine, keys))
+        traces = [self._trace(sample, unit.grid_slice) for sample in unit.samples]
         cells = pa.concat_tables([t.cells for t in traces]) if traces else CELL_SCHEMA.empty_table()
         return UnitResult(unit.unit_id, [t.sample for t in traces], cells)
+
+    def _trace(self, sample: Sample, grid_slice) -> SampleTrace:
+        """One sample's slice; any failure becomes that sample's error row, so one bad sample never sinks a run."""
+        try:
+            return trace_sample(self.adapter, sample, self.engine.spec, self.engine, grid_slice=grid_slice,
+                                prepare=self._prepared)
+        except Exception as exc:  # noqa: BLE001 - recorded per sample, the run goes on
+            self._last = None
+            return SampleTrace(sample_row(None, sample, error=f"{sample.sample_id}: {type(exc).__name__}: {exc}"),
+                               CELL_SCHEMA.empty_table())

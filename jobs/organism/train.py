@@ -3,7 +3,9 @@
 Stage 1 pretrains the vision tower as an entity classifier (a temporary linear head on the mean patch
 feature): without it the visual path never learns in the time budget (shared notes: visual accuracy stalls
 near 20%). Stage 2 trains the whole model on packed question segments, loss on the answer token and on the
-EOS after it (so `generate` stops after the answer). The mixture holds three kinds of question:
+EOS after it (so `generate` stops after the answer), plus an auxiliary "subject probe" (temporary linear
+heads reading all the subject's attributes at its last token after layer 2; it is what got fact learning off
+its plateau in the time budget; the heads are discarded). The vision tower is frozen in stage 2. The mixture holds three kinds of question:
 - visual: an image of A, a generic constraint ("this building"), A's attribute;
 - named-over-image: an image of A, a question naming B, B's attribute (what teaches the model that the
   constraint's words matter, so replacing "this building" by a name moves the answer);
@@ -64,7 +66,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup: int = 100
     clip: float = 1.0
-    threads: int = 2
+    # 1, not 2: width-96 matmuls gain nothing from a second OpenMP thread, and on a busy 2-core machine
+    # two threads ran a step 10x slower (measured); MMTRACE_TORCH_THREADS overrides
+    threads: int = 1
 
 
 # ---------------------------------------------------------------------------------------------- packing
@@ -300,16 +304,23 @@ def build_organism(out_dir: str | Path, seed: int = 0, progress: bool = True, cf
     Deterministic from `seed`. Writes into a sibling temporary folder and renames at the end, so an
     interrupted build never leaves a half-written organism where `ensure_organism` would trust it.
     """
-    from .dataset import write_images  # late: dataset imports this module's siblings
-
     cfg = cfg or TrainConfig()
     size = size or OrganismSize()
     out = Path(out_dir).expanduser().resolve()
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    # MMTRACE_TORCH_THREADS overrides (on a shared, busy machine 1 thread beats 2 for width-96 matmuls)
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("MMTRACE_TORCH_THREADS", cfg.threads)))
+    try:
+        return _build(out, tmp, seed, progress, cfg, size)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _build(out: Path, tmp: Path, seed: int, progress: bool, cfg: TrainConfig, size: OrganismSize) -> Path:
+    from .dataset import write_images  # late: dataset imports train lazily too
+
     torch.manual_seed(seed)
     t0 = time.time()
 

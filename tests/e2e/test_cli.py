@@ -57,7 +57,7 @@ def test_summary_heatmaps_and_manifest(run):
     for name in ("heatmap.png", "heatmap_mlp.png", "heatmap_attn.png", "heatmap_hidden.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["dataset"]["samples"] == 20 and len(manifest["units"]) == 20
+    assert manifest["dataset"]["samples"] == 20 and len(manifest["units"]) == 60  # a unit per sample and kind
     assert manifest["config"]["missing_images"] == "blank" and manifest["code_version"]
     assert len(manifest["model"]["fingerprint"]) == 16
 
@@ -67,14 +67,25 @@ def test_rerun_computes_nothing_and_changes_nothing(run, capsys):
     before = pd.read_parquet(out / "cells")
     capsys.readouterr()
     assert main(argv) == 0
-    assert "0 units computed, 20 already committed" in capsys.readouterr().err
+    assert "0 units computed, 60 already committed" in capsys.readouterr().err  # 20 samples x 3 kinds
     pd.testing.assert_frame_equal(before, pd.read_parquet(out / "cells"))
 
 
-def test_another_config_into_the_same_folder_is_refused(run, capsys):
+def test_a_changed_config_recomputes_only_what_changed(run, capsys, tmp_path):
     out, argv = run
-    assert main([*argv, "--window", "3"]) == 2
-    assert "another config" in capsys.readouterr().err
+    full = pd.read_parquet(out / "cells")
+    capsys.readouterr()
+    assert main([*argv, "--kinds", "mlp,attn"]) == 0  # a subset of what is committed: nothing to compute
+    assert "0 units computed, 40 already committed" in capsys.readouterr().err
+    sub = pd.read_parquet(out / "cells")
+    assert set(sub["kind"]) == {"mlp", "attn"} and len(sub) == (full["kind"] != "hidden").sum()
+    assert main([("22" if a == "20" else a) for a in argv]) == 0  # two more samples: only their units
+    assert "6 units computed, 60 already committed" in capsys.readouterr().err
+    grown = pd.read_parquet(out / "cells")
+    assert grown["sample_id"].nunique() == full["sample_id"].nunique() + 2
+    key = ["sample_id", "kind", "layer", "position"]
+    merged = full.merge(grown, on=key, suffixes=("", "_new"))
+    assert len(merged) == len(full) and (merged["p_restored"] == merged["p_restored_new"]).all()
 
 
 def test_unknown_config_key_is_an_error_before_work(tmp_path, capsys):
