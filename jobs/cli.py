@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from jobs.config import TraceConfig, load_yaml, make_config
 
@@ -33,7 +34,9 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, help="rows per batched forward in the fast engine")
     p.add_argument("--samples-per-unit", type=int, help="samples per committed work unit")
     p.add_argument("--layers-per-unit", type=int, help="layers per unit (default: a kind's whole depth)")
-    p.add_argument("--backend", choices=["local"], help="where the work runs")
+    p.add_argument("--backend", help="where the work runs: local (default), ray, slurm")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run recorded in --out/manifest.json (its config; flags given here override)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
 
@@ -44,7 +47,21 @@ def config_from_args(args: argparse.Namespace) -> TraceConfig:
     flags = {f: getattr(args, f, None) for f in TraceConfig.__dataclass_fields__}
     if args.images:
         flags["images"] = parse_image_dirs(args.images)
-    return make_config(load_yaml(args.config) if args.config else None, **flags)
+    base = load_yaml(args.config) if args.config else {}
+    if args.resume:
+        base = {**base, **_recorded_config(args.out)}
+    return make_config(base, **flags)
+
+
+def _recorded_config(out: str | None) -> dict:
+    """The config a run folder's manifest records, for `--resume` (units already committed are skipped)."""
+    if not out:
+        raise ValueError("--resume needs --out: the run folder to continue")
+    manifest = Path(out) / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} does not exist: nothing to resume; run without --resume first")
+    config = json.loads(manifest.read_text())["config"]
+    return {k: tuple(v) if k == "kinds" else v for k, v in config.items() if k in TraceConfig.__dataclass_fields__}
 
 
 def _trace(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ family is one subclass that says where its decoder layers live and how it encode
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from workers.encoding import find_constraint, token_span
-from workers.spec import BLANK_IMAGE, DEFAULT_TEMPLATE, TEXT_TEMPLATE, Encoded, Sample, build_prompt
+from workers.spec import BLANK_IMAGE, DEFAULT_TEMPLATE, TEXT_TEMPLATE, Encoded, Sample, build_prompt, format_question
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -39,7 +40,7 @@ class ModelInfo:
     dtype: str
 
 
-class Adapter:
+class Adapter(ABC):
     """Base: a loaded model plus the knowledge of where its parts are."""
 
     family = "base"
@@ -59,8 +60,9 @@ class Adapter:
         return self.decoder.layers
 
     @property
+    @abstractmethod
     def decoder(self) -> torch.nn.Module:
-        raise NotImplementedError  # each family says where its decoder lives
+        """The decoder stack (has `.layers` and `.embed_tokens`); each family says where it lives."""
 
     @property
     def num_layers(self) -> int:
@@ -93,8 +95,9 @@ class Adapter:
     def template(self, visual: bool) -> str:
         return self.templates.get("visual" if visual else "text") or (DEFAULT_TEMPLATE if visual else TEXT_TEMPLATE)
 
+    @abstractmethod
     def encode(self, sample: Sample) -> Encoded:
-        raise NotImplementedError  # each family encodes with its own processor
+        """Prompt, tokens, image features' inputs and the constraint's token span of one sample."""
 
     def token_id(self, text: str) -> int:
         """The first token of `text` as it appears after a space mid-sentence (the authors' `encode(w)[1]`)."""
@@ -113,12 +116,24 @@ class Adapter:
                 "a replacement must keep the sequence length")
         return [int(i) for i in ids]
 
-    def _locate(self, sample: Sample, prompt: str, offsets, expanded_shift: int) -> tuple[int, int]:
-        """Token span of the constraint: characters in the question -> characters in the prompt -> tokens."""
-        question_at = prompt.index(build_prompt(sample.question, False, "{question}"))
+    def _encode_text(self, sample: Sample) -> Encoded:
+        """A question without an image: an LLM's, or an MLLM's text-only twin (the decoder alone)."""
+        prompt = build_prompt(sample.question, False, self.template(False))
+        enc = self.tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
+        span = self._locate(sample, prompt, enc["offset_mapping"][0].tolist())
+        ids = enc["input_ids"]
+        return Encoded(ids, None, span, None, 0, self.tokenizer.convert_ids_to_tokens(ids[0].tolist()))
+
+    def _locate(self, sample: Sample, prompt: str, offsets, shift: int = 0) -> tuple[int, int]:
+        """Token span of the constraint: characters in the question -> in the prompt -> tokens.
+
+        `shift` is how many characters the processor inserted before the question (image placeholders
+        expanded before tokenising), since offsets index the expanded prompt.
+        """
+        question_at = prompt.index(format_question(sample.question))
         cs, ce = find_constraint(sample.question, sample.constraint)
-        shift = question_at + expanded_shift
-        return token_span(offsets, cs + shift, ce + shift)
+        at = question_at + shift
+        return token_span(offsets, cs + at, ce + at)
 
 
 class CausalLMAdapter(Adapter):
@@ -133,11 +148,7 @@ class CausalLMAdapter(Adapter):
     def encode(self, sample: Sample) -> Encoded:
         if sample.is_visual:
             raise SampleError(f"{sample.sample_id}: {self.name} is a text-only model but the sample has an image")
-        prompt = build_prompt(sample.question, False, self.template(False))
-        enc = self.tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
-        span = self._locate(sample, prompt, enc["offset_mapping"][0].tolist(), 0)
-        ids = enc["input_ids"]
-        return Encoded(ids, None, span, None, 0, self.tokenizer.convert_ids_to_tokens(ids[0].tolist()))
+        return self._encode_text(sample)
 
 
 class LlavaAdapter(Adapter):
@@ -185,21 +196,11 @@ class LlavaAdapter(Adapter):
         image_span = (int(where[0]), int(where[-1]) + 1)
         if image_span[1] - image_span[0] != len(where):
             raise SampleError(f"{sample.sample_id}: image tokens are not contiguous")
-        # The processor expands each image placeholder before tokenising; offsets index the expanded prompt.
-        question_at = prompt.index(build_prompt(sample.question, False, "{question}"))
-        n_before = prompt[:question_at].count(self.image_token)
+        n_before = prompt[:prompt.index(format_question(sample.question))].count(self.image_token)
         shift = n_before * (len(where) - 1) * len(self.image_token)
         span = self._locate(sample, prompt, enc["offset_mapping"][0].tolist(), shift)
         return Encoded(ids, enc["pixel_values"].to(self.dtype), span, image_span, image_span[1] - 1,
                        self.tokenizer.convert_ids_to_tokens(ids[0].tolist()))
-
-    def _encode_text(self, sample: Sample) -> Encoded:
-        """An MLLM asked without an image (the organism's text-only twins): the decoder alone."""
-        prompt = build_prompt(sample.question, False, self.template(False))
-        enc = self.tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
-        span = self._locate(sample, prompt, enc["offset_mapping"][0].tolist(), 0)
-        ids = enc["input_ids"]
-        return Encoded(ids, None, span, None, 0, self.tokenizer.convert_ids_to_tokens(ids[0].tolist()))
 
 
 def _settings(path: Path) -> dict:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -33,14 +34,17 @@ def _main_tensor(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-class Source:
-    """Where clean values come from."""
+class Source(Protocol):
+    """Where clean values come from: the values for `positions` (absolute) of `kind` at `layer`.
+
+    `live` is the module output being patched, whose first position is absolute position `offset`.
+    """
 
     def values(self, kind: str, layer: int, positions: torch.Tensor, live: torch.Tensor, offset: int) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
 
-class SameBatchRow(Source):
+class SameBatchRow:
     """Row `row` of the very pass being patched (the authors' clean row 0)."""
 
     def __init__(self, row: int = 0):
@@ -50,7 +54,7 @@ class SameBatchRow(Source):
         return live[self.row, positions - offset].clone()
 
 
-class Recorded(Source):
+class Recorded:
     """States recorded from a clean pass: `states[kind]` is (layers, T, d) for positions [base, base + T)."""
 
     def __init__(self, states: dict[str, torch.Tensor], base: int = 0):

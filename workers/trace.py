@@ -16,6 +16,7 @@ row 0 of the same pass. It is the oracle and the benchmark baseline.
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 import hashlib
 from dataclasses import dataclass
 from typing import Iterable
@@ -102,7 +103,7 @@ def _prob(logits: torch.Tensor, target: int) -> torch.Tensor:
     return logits[:, -1].float().softmax(-1)[:, target]
 
 
-class Engine:
+class Engine(ABC):
     """Shared by both engines: preparing a sample and turning cell values into rows."""
 
     name = "engine"
@@ -111,12 +112,13 @@ class Engine:
         self.adapter = adapter
         self.spec = spec
 
+    @abstractmethod
     def prepare(self, sample: Sample) -> Prepared:
-        raise NotImplementedError
+        """Encode the sample and run what every cell of it shares (clean and corrupted runs)."""
 
+    @abstractmethod
     def restored(self, prep: Prepared, keys: list[CellKey]) -> tuple[list[float], list[bool]]:
         """p_restored for each key, and whether it took a forward pass."""
-        raise NotImplementedError
 
     def cells(self, prep: Prepared, keys: Iterable[CellKey] | None = None) -> pa.Table:
         keys = list(keys) if keys is not None else grid(prep.enc, self.spec, self.adapter.num_layers)

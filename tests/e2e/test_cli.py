@@ -94,3 +94,15 @@ def test_unknown_config_key_is_an_error_before_work(tmp_path, capsys):
     assert main(["trace", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
     assert "windw" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_continues_the_recorded_run(run, capsys):
+    out, _ = run
+    capsys.readouterr()
+    assert main(["trace", "--resume", "--out", str(out), "--no-progress", "--limit", "20"]) == 0
+    assert "0 units computed, 60 already committed" in capsys.readouterr().err
+
+
+def test_resume_without_a_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["trace", "--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
