@@ -56,7 +56,9 @@ class Executor(ABC):
         """Run `fn(*args, **kwargs)` as one job."""
 
 
-BACKENDS = {"local": "cluster.local:LocalExecutor"}
+BACKENDS = {"local": "cluster.local:LocalExecutor",
+            "slurm": "cluster.slurm:SlurmExecutor",
+            "ray": "cluster.ray:RayExecutor"}
 
 
 def make_executor(backend: str, **options: Any) -> Executor:

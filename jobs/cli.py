@@ -89,6 +89,15 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from jobs import report
+
+    labels = args.labels.split(",") if args.labels else [Path(args.run_a).name, Path(args.run_b).name]
+    path = report.plot_comparison(report.read_cells(args.run_a), report.read_cells(args.run_b), labels, args.out)
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jobs.datasets.cli import add_parser as add_data
     from jobs.organism.cli import add_parser as add_organism
@@ -105,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bench)
+    c = sub.add_parser("compare", help="two runs' heatmaps in one PNG (e.g. visual above text-only)")
+    c.add_argument("run_a")
+    c.add_argument("run_b")
+    c.add_argument("--labels", help="two comma-separated row labels")
+    c.add_argument("--out", default="comparison.png")
+    c.set_defaults(func=_compare)
     add_data(sub)
     add_organism(sub)
     return parser

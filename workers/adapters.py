@@ -122,7 +122,11 @@ class Adapter(ABC):
         enc = self.tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
         span = self._locate(sample, prompt, enc["offset_mapping"][0].tolist())
         ids = enc["input_ids"]
-        return Encoded(ids, None, span, None, 0, self.tokenizer.convert_ids_to_tokens(ids[0].tolist()))
+        return Encoded(ids, None, span, None, 0, self._tokens(ids))
+
+    def _tokens(self, ids: torch.Tensor) -> list[str]:
+        """Each token as text (what a reader of the cell table wants, not 'Ġbuilding')."""
+        return [self.tokenizer.decode([i]) for i in ids[0].tolist()]
 
     def _locate(self, sample: Sample, prompt: str, offsets, shift: int = 0) -> tuple[int, int]:
         """Token span of the constraint: characters in the question -> in the prompt -> tokens.
@@ -200,7 +204,7 @@ class LlavaAdapter(Adapter):
         shift = n_before * (len(where) - 1) * len(self.image_token)
         span = self._locate(sample, prompt, enc["offset_mapping"][0].tolist(), shift)
         return Encoded(ids, enc["pixel_values"].to(self.dtype), span, image_span, image_span[1] - 1,
-                       self.tokenizer.convert_ids_to_tokens(ids[0].tolist()))
+                       self._tokens(ids))
 
 
 def _settings(path: Path) -> dict:

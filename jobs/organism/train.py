@@ -52,7 +52,7 @@ class TrainConfig:
     vision_feature_penalty: float = 1e-2
     freeze_vision: bool = True  # stage 2 trains projector + decoder only (as LLaVA's stages do)
     steps: int = 1200
-    visual_rows: int = 12  # packed rows with an image per step
+    visual_rows: int = 16  # packed rows with an image per step
     segments_per_image: int = 6
     named_fraction: float = 0.3  # of the segments after an image: name another entity
     text_rows: int = 4

@@ -106,3 +106,10 @@ def test_resume_continues_the_recorded_run(run, capsys):
 def test_resume_without_a_run_is_a_clear_error(tmp_path, capsys):
     assert main(["trace", "--resume", "--out", str(tmp_path / "none")]) == 2
     assert "nothing to resume" in capsys.readouterr().err
+
+
+def test_compare_two_runs_into_one_png(run, tmp_path):
+    out, _ = run
+    png = tmp_path / "cmp.png"
+    assert main(["compare", str(out), str(out), "--labels", "a,b", "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000

@@ -222,6 +222,18 @@ def test_cli_parser():
     assert args.seed == 3 and args.out == "/tmp/x" and callable(args.func)
 
 
+def test_ensure_installs_the_shipped_organism(tmp_path, capsys):
+    if not (ds.SHIPPED / "model.safetensors").exists():
+        pytest.skip("no weights shipped in the repository")
+    root = ds.ensure_organism(cache_dir=tmp_path)
+    assert root == tmp_path / ds.ORGANISM_NAME and "installing the shipped organism" in capsys.readouterr().err
+    assert ds.ensure_organism(cache_dir=tmp_path) == root and capsys.readouterr().err == ""  # second use: silent
+    size = sum(f.stat().st_size for f in ds.SHIPPED.iterdir())
+    assert size <= 10 * 2**20
+    s = ds.organism_samples("visual", limit=1, root=root)[0]
+    assert Path(s.image).is_file()
+
+
 # ---------------------------------------------------------------------------------------------- a fresh build
 
 @pytest.fixture(scope="session")
