@@ -12,16 +12,17 @@ Why it is shaped this way:
   of a result that may pass through the driver.)
 - Fault tolerance is the driver's: actors restart (`max_restarts`, re-running `__init__`, so the model
   reloads) and a unit whose actor died is put back at the front of the queue for the next free actor. Ray's
-  own task retries are off, so a unit is recomputed only when its first delivery was lost; the store ignores
-  a duplicate commit and the reducer calls the sink once per unit, so every cell lands exactly once.
-- Loopback: when the executor starts Ray itself (or connects to 127.0.0.1 / localhost) it sets
-  `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` before Ray is imported, the one switch seen to keep every Ray
-  listener and the node address on 127.0.0.1, and turns usage stats off.
+  own retries of unit tasks are off, so a unit is recomputed only when its first delivery was lost; the
+  store ignores a duplicate commit and the reducer calls the sink once per unit, so every cell lands once.
+- Loopback: when the executor starts Ray itself, or joins one at 127.0.0.1 / localhost, it turns on
+  `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the one switch seen to keep every Ray listener and the node
+  address on 127.0.0.1, and turns usage stats off; a cluster elsewhere keeps Ray's own networking.
 - `submit` tasks ask for no CPUs (Ray `num_cpus=0`, torch threads pinned to `Resources.cpus` instead): a
   task asking for a CPU while the trace actors hold them all stays PENDING forever on a small node.
 
 `address=None` starts a private local Ray unless `RAY_ADDRESS` is set (as `ray job submit` does for its
-entrypoint), in which case that cluster is used; an already initialised Ray in the process is reused.
+entrypoint), in which case that cluster is used; "auto" joins the cluster Ray finds on this machine; an
+already initialised Ray in the process is reused whatever `address` says.
 """
 
 from __future__ import annotations
@@ -46,30 +47,40 @@ MAX_UNIT_ATTEMPTS = 3
 # --------------------------------------------------------------------------------------------- Ray access
 
 
-def is_loopback(address: str | None) -> bool:
-    """Whether `address` means a Ray on this machine only (None: one the executor starts itself)."""
-    if address is None:
-        return not os.environ.get("RAY_ADDRESS")
+def is_loopback(address: str) -> bool:
+    """Whether a concrete "host:port" (or "ray://host:port") names a Ray on this machine's loopback."""
     host = address.split("://")[-1].rsplit(":", 1)[0]
     return host in LOOPBACK_HOSTS
 
 
-def import_ray(loopback: bool):
-    """Import Ray, first pinning it to loopback if asked (its node-address switch is read at import time).
+def pin_to_loopback(ray) -> None:
+    """Keep this driver, and any Ray it starts, on 127.0.0.1.
 
-    If Ray was imported earlier without the switch, the constant it was read into is set directly: the
-    alternative is a GCS and raylet that talk over the machine's network address.
+    Ray reads its node-address switch into a constant at import time and, with the switch on, maps even an
+    explicit 127.0.0.1 to the machine's network address (then a driver joining a loopback head waits
+    forever). So the environment is set for the processes Ray starts and the constant for this one. A
+    value the user set in the environment wins.
     """
-    if loopback:
-        for key, value in LOOPBACK_ENV.items():
-            os.environ.setdefault(key, value)
-    import ray
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+    from ray._private import ray_constants
 
-    if loopback and os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
-        from ray._private import ray_constants
+    ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] != "0"
 
-        ray_constants.ENABLE_RAY_CLUSTER = False
-    return ray
+
+def target_address(address: str | None, temp_dir: str | None) -> str | None:
+    """The cluster to join as "host:port" (None: start a private one), resolved the way `ray.init` would.
+
+    `address=None` means `RAY_ADDRESS` if set (what `ray job submit` gives its entrypoint), else a private
+    Ray; "auto" is found now (Ray's address file, else a running GCS), so its host decides on loopback.
+    """
+    if address is None:
+        return os.environ.get("RAY_ADDRESS") or None
+    if address != "auto":
+        return address
+    from ray._private import services
+
+    return services.get_ray_address_from_environment("auto", temp_dir)
 
 
 def has_gpus(ray) -> bool:
@@ -211,34 +222,43 @@ class AffinityQueue:
 
 
 class Dispatcher:
-    """The driver's loop: one unit in flight per live actor, statuses and receipts awaited together."""
+    """The driver's loop: one unit in flight per live actor; statuses, receipts and probes awaited together.
 
-    def __init__(self, ray, actors: list, reducer, units: list, affinity: Callable[[Any], Hashable],
-                 lives: int, stats: dict):
+    A unit whose actor died goes back to the front of the queue for whichever actor is free first. The
+    dead actor's slot is parked on a probe (a `pid()` call Ray retries until the actor is back, since
+    calls to a restarting actor fail at once) and rejoins the pool when the probe answers; a probe that
+    fails means the actor is out of restarts, and its slot is dropped.
+    """
+
+    def __init__(self, ray, actors: list, reducer, units: list, affinity: Callable[[Any], Hashable], stats: dict):
         self.ray, self.actors, self.reducer, self.units = ray, actors, reducer, units
         self.queue = AffinityQueue([affinity(u) for u in units])
-        self.lives = lives  # how often an actor (or the reducer) may die: its restarts + 1
         self.attempts = [0] * len(units)
-        self.deaths = [0] * len(actors)
-        self.reducer_deaths = 0
         self.free = list(range(len(actors)))
         self.computing: dict[Any, tuple[int, int, Any]] = {}  # status ref -> (slot, unit index, result ref)
         self.committing: dict[Any, tuple[int, Any]] = {}  # receipt ref -> (unit index, result ref)
+        self.probing: dict[Any, int] = {}  # pid ref of a restarting actor -> its slot
         self.delivered: set[int] = set()
+        self.last_error: BaseException | None = None  # the latest actor death, the cause of a final failure
         self.stats = stats
 
     def run(self) -> Iterator[tuple[Any, Any]]:
         self._fill()
-        while self.computing or self.committing:
-            [ref], _ = self.ray.wait(list(self.computing) + list(self.committing), num_returns=1,
-                                     fetch_local=False)
+        while self.computing or self.committing or (self.probing and len(self.queue)):
+            pending = [*self.computing, *self.committing, *self.probing]
+            [ref], _ = self.ray.wait(pending, num_returns=1, fetch_local=False)
             if ref in self.computing:
                 self._computed(ref)
+            elif ref in self.probing:
+                self._probed(ref)
             else:
                 delivered = self._committed(ref)
                 if delivered is not None:
                     yield delivered
             self._fill()
+        if len(self.delivered) != len(self.units):  # a loop that ends early must never look like success
+            raise RuntimeError(f"only {len(self.delivered)} of {len(self.units)} units were delivered") \
+                from self.last_error
 
     def _fill(self) -> None:
         """Give every free actor its next unit; fail loudly if units remain and no actor is left."""
@@ -249,46 +269,58 @@ class Dispatcher:
             status, result = self.actors[slot].run.options(num_returns=2).remote(self.units[index])
             self.computing[status] = (slot, index, result)
             self.stats["dispatched"] += 1
-        if len(self.queue) and not self.computing and not self.free:
-            raise RuntimeError(f"every Ray actor died more than its restarts allow; {len(self.queue)} units left")
+        if len(self.queue) and not (self.computing or self.free or self.probing):
+            raise RuntimeError(f"every Ray actor died more than its restarts allow; {len(self.queue)} units left "
+                               f"(a client with RAY_AUTH_MODE=token on a cluster started with auth disabled "
+                               f"sees exactly this)") from self.last_error
 
     def _computed(self, ref) -> None:
         slot, index, result = self.computing.pop(ref)
         try:
-            self.ray.get(ref)
+            status = self.ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - only an actor's death is retried; anything else is raised
             if not is_actor_death(self.ray, exc):
                 raise
             self._lost(index, slot, exc)
             return
+        self.stats["pids"].add(status["pid"])
         self.free.append(slot)
         receipt = self.reducer.commit.remote(index, self.units[index], result)
         self.committing[receipt] = (index, result)
 
     def _lost(self, index: int, slot: int, exc: BaseException) -> None:
-        """Retry the unit; keep the actor while it has restarts left (calls wait for its restart)."""
+        self.last_error = exc
         self.stats["retried"] += 1
         if self.attempts[index] >= MAX_UNIT_ATTEMPTS:
             raise RuntimeError(f"unit {index} lost its actor {self.attempts[index]} times; last: {exc}") from exc
         self.queue.put_back(index, slot)
-        self.deaths[slot] += 1
-        if self.deaths[slot] < self.lives:
-            self.free.append(slot)
+        self._probe(slot)
+
+    def _probe(self, slot: int) -> None:
+        self.probing[self.actors[slot].pid.options(max_task_retries=-1).remote()] = slot
+
+    def _probed(self, ref) -> None:
+        slot = self.probing.pop(ref)
+        try:
+            self.ray.get(ref)
+        except self.ray.exceptions.ActorDiedError as exc:  # out of restarts: the pool shrinks
+            self.last_error = exc
+            self.stats["dead_actors"] += 1
+            return
+        except self.ray.exceptions.RayActorError:  # still coming back
+            self._probe(slot)
+            return
+        self.free.append(slot)
 
     def _committed(self, ref) -> tuple[Any, Any] | None:
         index, result = self.committing.pop(ref)
         try:
             receipt = self.ray.get(ref)
-        except self.ray.exceptions.RayActorError as exc:  # the reducer died: it restarts; resend the result
-            self.reducer_deaths += 1
-            if self.reducer_deaths >= self.lives:
-                raise RuntimeError(f"the reducer actor died {self.reducer_deaths} times") from exc
-            self.stats["recommitted"] += 1
-            self.committing[self.reducer.commit.remote(index, self.units[index], result)] = (index, result)
-            return None
         except self.ray.exceptions.ObjectLostError:  # the result itself is gone: compute the unit again
             self.queue.put_back(index, -1)
             return None
+        except self.ray.exceptions.RayActorError as exc:  # Ray retries commits across restarts: out of them
+            raise RuntimeError("the reducer actor died more often than its restarts allow") from exc
         if index in self.delivered:
             return None
         self.delivered.add(index)
@@ -312,7 +344,8 @@ class RayExecutor(Executor):
     """Units on a pool of resident Ray actors; jobs as Ray tasks. See the module docstring for why.
 
     During `map_units` the live actor handles are in `self.actors` (tests kill one there); `self.stats`
-    counts what the last `map_units` dispatched, retried and recommitted, and `pool_s`, the seconds until
+    counts what the last `map_units` dispatched, retried (units whose actor died), the actors lost for good,
+    the worker processes that computed units (`pids`: a restarted actor adds one), and `pool_s`, the seconds until
     the pool was started (`wait_ready=True`: until every actor had built its worker, so a benchmark can
     time the units alone and a model that fails to load fails before any unit is sent).
     """
@@ -336,21 +369,25 @@ class RayExecutor(Executor):
         self.owns_ray = False
         self.actors: list = []
         self.reducer = None
-        self.stats: dict[str, float] = {}
+        self.stats: dict[str, Any] = {}
 
     # -- connection
 
     def connect(self):
         """Ray, initialised: reuse this process's, join `address`/`RAY_ADDRESS`, or start a private one."""
-        ray = import_ray(is_loopback(self.address))
+        import ray
+
         if ray.is_initialized():
             return ray
-        if self.address is None and not os.environ.get("RAY_ADDRESS"):
+        target = target_address(self.address, self.temp_dir)
+        if target is None or is_loopback(target):
+            pin_to_loopback(ray)
+        if target is None:
             ray.init(address="local", num_cpus=self.num_actors * self.cpus_per_actor,
                      include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=self.temp_dir)
             self.owns_ray = True
         else:
-            ray.init(address=self.address, _temp_dir=self.temp_dir)
+            ray.init(address=target, _temp_dir=self.temp_dir)
         return ray
 
     def shutdown(self) -> None:
@@ -389,7 +426,8 @@ class RayExecutor(Executor):
         cwd = os.getcwd()
         unit_actor = ray.remote(UnitActor).options(num_cpus=self.cpus_per_actor, num_gpus=gpus,
                                                    max_restarts=self.max_restarts, max_task_retries=0)
-        reducer = ray.remote(ReducerActor).options(num_cpus=0, max_restarts=self.max_restarts, max_task_retries=0)
+        # The reducer's commits are idempotent, so Ray may retry them on its restart.
+        reducer = ray.remote(ReducerActor).options(num_cpus=0, max_restarts=self.max_restarts, max_task_retries=-1)
         self.reducer = reducer.remote(sink, cwd)
         self.actors = [unit_actor.remote(factory, self.threads_per_actor, cwd) for _ in range(actors)]
         if self.wait_ready:
@@ -407,13 +445,12 @@ class RayExecutor(Executor):
         if not units:
             return
         ray = self.connect()
-        self.stats = {"dispatched": 0, "retried": 0, "recommitted": 0}
+        self.stats = {"dispatched": 0, "retried": 0, "dead_actors": 0, "pids": set()}
         started = time.perf_counter()
         try:
             self.start_pool(ray, factory, sink, min(self.num_actors, len(units)))
             self.stats["pool_s"] = time.perf_counter() - started
-            yield from Dispatcher(ray, self.actors, self.reducer, units, self.affinity, self.max_restarts + 1,
-                                  self.stats).run()
+            yield from Dispatcher(ray, self.actors, self.reducer, units, self.affinity, self.stats).run()
         finally:
             self.stop_pool(ray)
 

@@ -2,7 +2,8 @@
 # Stop the single-node Slurm cluster started by slurm-up.sh, by pid, in dependency order: slurmd and slurmctld
 # first (they talk to slurmdbd while shutting down), then slurmdbd, then MariaDB, munged last (everything above
 # authenticates through it). Safe to run twice or when nothing runs. `--purge` also deletes the state folder
-# (job ids then restart at 1: use a fresh submitit folder per run).
+# (job ids then restart at 1: use a fresh submitit folder per run); `--slurm-only` stops just the Slurm
+# daemons (slurm-up.sh does that when their configuration changed).
 #
 # Environment: MMTRACE_SLURM_DIR (default /tmp/mmtrace-slurm), as for slurm-up.sh.
 set -euo pipefail
@@ -30,6 +31,7 @@ stop_phase() {
 
 stop_phase "$STATE/slurmd.pid" "$STATE/slurmctld.pid"
 stop_phase "$STATE/slurmdbd.pid"
+if [ "${1:-}" = "--slurm-only" ]; then exit 0; fi  # slurm-up.sh after a configuration change
 stop_phase "$STATE/db/mariadbd.pid"
 stop_phase "$STATE/munge/munged.pid"
 if [ "${1:-}" = "--purge" ]; then

@@ -92,6 +92,10 @@ start_mariadb() {
     mariadb-install-db --user=mysql --datadir="$data" --auth-root-authentication-method=socket \
       --skip-test-db >"$STATE/db/install.log" 2>&1 || die "mariadb-install-db failed; see $STATE/db/install.log"
   fi
+  if alive "$STATE/db/mariadbd.pid" \
+      && ! wait_for 15 mariadb --socket="$STATE/db/mysqld.sock" -u root -e "SELECT 1"; then
+    die "MariaDB (pid $(cat "$STATE/db/mariadbd.pid")) runs but does not answer; stop it with slurm-down.sh"
+  fi
   if ! alive "$STATE/db/mariadbd.pid"; then
     log "starting MariaDB on 127.0.0.1:$DB_PORT"
     mariadbd --user=mysql --datadir="$data" --bind-address=127.0.0.1 --port="$DB_PORT" \
@@ -136,7 +140,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-SchedulerParameters=batch_sched_delay=0,kill_invalid_depend
+SchedulerParameters=batch_sched_delay=0
+DependencyParameters=kill_invalid_depend
 ScronParameters=enable
 DefMemPerCPU=$(( mem / cpus ))
 ReturnToService=2
@@ -216,7 +221,13 @@ main() {
   mkdir -p "$STATE"
   start_munge
   start_mariadb
+  local before; before=$(cat "$CONF_DIR/slurm.conf" "$CONF_DIR/slurmdbd.conf" 2>/dev/null | md5sum)
   write_configs
+  if [ "$before" != "$(cat "$CONF_DIR/slurm.conf" "$CONF_DIR/slurmdbd.conf" | md5sum)" ] \
+      && alive "$STATE/slurmctld.pid"; then
+    log "configuration changed: restarting the Slurm daemons"
+    bash "$(dirname "$0")/slurm-down.sh" --slurm-only
+  fi
   start_slurm
   wait_for 60 node_ready || die "node $HOST is not idle: $(sinfo -h -N -o '%N %t %E' 2>&1)"
   smoke_test

@@ -189,13 +189,18 @@ class _Watch:
 
 
 class SlurmJob(Job):
-    """One submitted function; `result()` polls like `map_units` does, so a killed job raises promptly."""
+    """One submitted function; `result()` polls like `map_units` does, so a killed job raises promptly.
 
-    def __init__(self, job, poll_s: float, refresh_s: float):
+    A job held by a dependency that can never be met (`afterok` on a failed job) is cancelled and reported,
+    on clusters that do not set `DependencyParameters=kill_invalid_depend` themselves.
+    """
+
+    def __init__(self, job, poll_s: float, refresh_s: float, has_dependency: bool = False):
         self.job = job
         self.job_id = job.job_id
         self.poll_s = poll_s
         self.refresh_s = refresh_s
+        self.has_dependency = has_dependency
 
     def result(self) -> Any:
         watch, last = _Watch(), 0.0
@@ -203,6 +208,9 @@ class SlurmJob(Job):
             if time.monotonic() - last >= self.refresh_s:
                 self.job.get_info(mode="force")
                 last = time.monotonic()
+                if self.has_dependency and _pending_reason(self.job_id) == "DependencyNeverSatisfied":
+                    self.job.cancel(check=False)
+                    raise SlurmJobError(self.job_id, "CANCELLED: a job it depends on failed (DependencyNeverSatisfied)")
             done = watch.outcome(self.job)
             if done is not None:
                 status, value = done
@@ -210,6 +218,13 @@ class SlurmJob(Job):
                     return value
                 raise SlurmJobError(self.job_id, value)
             time.sleep(self.poll_s)
+
+
+def _pending_reason(job_id: str) -> str:
+    """squeue's reason for a pending job ("" once it runs or is gone)."""
+    out = subprocess.run(["squeue", "-h", "-t", "PD", "-j", job_id, "-o", "%r"], capture_output=True, text=True,
+                         timeout=30)
+    return out.stdout.strip() if out.returncode == 0 else ""
 
 
 class SlurmExecutor(Executor):
@@ -244,6 +259,8 @@ class SlurmExecutor(Executor):
         self.job_name = job_name
         self.last_array_id: str | None = None
         self._gpus: int | None = None
+        if gpus_per_task:
+            self._parameters(job_name, self.array_resources)  # fail now, not after planning, on a GPU-less cluster
 
     # -- submitit plumbing -------------------------------------------------------------------------------------
 
@@ -330,5 +347,6 @@ class SlurmExecutor(Executor):
                after: Iterable[str] = (), **kwargs: Any) -> SlurmJob:
         """Run `fn(*args, **kwargs)` as one Slurm job, held until every job in `after` completed OK."""
         name = f"{self.job_name}-{getattr(fn, '__name__', 'job')}"
+        after = [str(a) for a in after if a]
         job = self._submitit(self._parameters(name, resources, after)).submit(fn, *args, **kwargs)
-        return SlurmJob(job, self.poll_s, self.refresh_s)
+        return SlurmJob(job, self.poll_s, self.refresh_s, has_dependency=bool(after))

@@ -35,10 +35,26 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples-per-unit", type=int, help="samples per committed work unit")
     p.add_argument("--layers-per-unit", type=int, help="layers per unit (default: a kind's whole depth)")
     p.add_argument("--backend", help="where the work runs: local (default), ray, slurm")
+    p.add_argument("--backend-option", dest="backend_options", action="append", metavar="KEY=VALUE",
+                   help="an option of the backend's executor, repeatable: slurm: partition, cpus_per_task, "
+                        "gpus_per_task, mem_gb, time_min, array_parallelism, max_tasks, units_per_task, folder")
     p.add_argument("--resume", action="store_true",
                    help="continue the run recorded in --out/manifest.json (its config; flags given here override)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs into a dict; values read as YAML scalars, so 4 is an int, 2.5 a float, true a bool."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--backend-option wants KEY=VALUE, got {pair!r}")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else None
+    return options
 
 
 def config_from_args(args: argparse.Namespace) -> TraceConfig:
@@ -47,6 +63,8 @@ def config_from_args(args: argparse.Namespace) -> TraceConfig:
     flags = {f: getattr(args, f, None) for f in TraceConfig.__dataclass_fields__}
     if args.images:
         flags["images"] = parse_image_dirs(args.images)
+    if args.backend_options:
+        flags["backend_options"] = parse_options(args.backend_options)
     base = load_yaml(args.config) if args.config else {}
     if args.resume:
         base = {**base, **_recorded_config(args.out)}
@@ -101,6 +119,7 @@ def _compare(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from jobs.datasets.cli import add_parser as add_data
     from jobs.organism.cli import add_parser as add_organism
+    from jobs.rerun import add_parser as add_rerun
 
     parser = argparse.ArgumentParser(prog="mmtrace", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_compare)
     add_data(sub)
     add_organism(sub)
+    add_rerun(sub)
     return parser
 
 

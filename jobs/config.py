@@ -44,6 +44,7 @@ class TraceConfig:
     samples_per_unit: int = 1
     layers_per_unit: int | None = None
     backend: str = "local"
+    backend_options: dict = field(default_factory=dict)  # passed to the backend's executor, e.g. Slurm's partition
     progress: bool = True
     plots: bool = True
 
@@ -66,7 +67,7 @@ class TraceConfig:
 
     def identity(self) -> dict:
         """The fields that change results; where outputs go and how work is spread do not."""
-        skip = {"out", "resume", "progress", "plots", "backend", "max_batch", "samples_per_unit", "layers_per_unit",
+        skip = {"out", "resume", "progress", "plots", "backend", "backend_options", "max_batch", "samples_per_unit", "layers_per_unit",
                 "device"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 

@@ -107,6 +107,15 @@ def run_id_for(cfg: TraceConfig, model_path: str, samples: list[Sample]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def executor_options(cfg: TraceConfig) -> dict:
+    """The config's backend options; Slurm's submitit folder defaults to `<out>/slurm`, on the shared file
+    system beside the run (each executor makes a fresh subfolder in it, since Slurm job ids can restart)."""
+    options = dict(cfg.backend_options)
+    if cfg.backend == "slurm":
+        options.setdefault("folder", str(Path(cfg.out) / "slurm"))
+    return options
+
+
 def run_trace(cfg: TraceConfig) -> RunResult:
     """Trace every sample of the dataset into `cfg.out`; units already committed there are never redone.
 
@@ -130,7 +139,7 @@ def run_trace(cfg: TraceConfig) -> RunResult:
     factory = partial(TraceWorker, model, spec, cfg.engine)
     bar = tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", desc="trace",
                disable=not cfg.progress, file=sys.stderr)
-    executor = make_executor(cfg.backend)
+    executor = make_executor(cfg.backend, **executor_options(cfg))
     cells, traced = 0, set()
     with bar:
         for _, receipt in executor.map_units(factory, todo, UnitSink(str(cfg.out))):
@@ -138,7 +147,9 @@ def run_trace(cfg: TraceConfig) -> RunResult:
             traced.update(receipt["samples"])
             bar.update(1)
             bar.set_postfix(samples=len(traced), cells=cells, refresh=False)
+    array = getattr(executor, "last_array_id", None)  # Slurm: the reduce job waits for the array (afterok)
     reduced = executor.submit(reduce_run, cfg.out, [u.unit_id for u in units], plots=cfg.plots,
-                              title=f"{Path(cfg.model).name} on {cfg.dataset}").result()
+                              title=f"{Path(cfg.model).name} on {cfg.dataset}",
+                              **({"after": [array]} if array else {})).result()
     return RunResult(run_id, Path(cfg.out), len(todo), len(units) - len(todo), reduced,
                      time.perf_counter() - started)

@@ -46,16 +46,16 @@ def num_tokens(text: str) -> int:
 class TrainConfig:
     """Schedule and mixture. Sized so stage 1 + stage 2 take about 5-6 minutes on 2 CPU cores."""
 
-    vision_steps: int = 400
+    vision_steps: int = 800
     vision_batch: int = 128
     vision_lr: float = 3e-3
     vision_feature_penalty: float = 1e-2
     freeze_vision: bool = True  # stage 2 trains projector + decoder only (as LLaVA's stages do)
     steps: int = 1200
-    visual_rows: int = 16  # packed rows with an image per step
+    visual_rows: int = 18  # packed rows with an image per step
     segments_per_image: int = 6
     named_fraction: float = 0.3  # of the segments after an image: name another entity
-    text_rows: int = 4
+    text_rows: int = 2
     # Auxiliary "subject probe": linear heads read all of the subject's attributes from the residual stream
     # at the subject's last token after `probe_layer` decoder layers (0 turns it off). It gives the name (or,
     # for "this building", the picture) a direct path to the facts where the subject sits, in early layers.

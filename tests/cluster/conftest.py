@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 RAY_BIN = Path(sys.executable).with_name("ray")
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def free_port() -> int:
@@ -38,9 +36,14 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-def kill_group(pgid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM a process group we started, then SIGKILL what is left; return once it is gone."""
+def kill_group(pgid: int, leader: subprocess.Popen | None = None, grace_s: float = 3.0) -> None:
+    """SIGTERM a process group we started, then SIGKILL what is left; return once it is gone.
+
+    The leader, if it is our child, is reaped as we go: a zombie still counts as a member of its group.
+    """
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 20.0)):
+        if leader is not None:
+            leader.poll()
         if not group_alive(pgid):
             return
         try:
@@ -48,7 +51,11 @@ def kill_group(pgid: int, grace_s: float = 10.0) -> None:
         except ProcessLookupError:
             return
         deadline = time.monotonic() + wait
-        while group_alive(pgid) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if leader is not None:
+                leader.poll()
+            if not group_alive(pgid):
+                return
             time.sleep(0.1)
 
 
@@ -63,6 +70,12 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) ->
         except OSError:
             time.sleep(0.2)
     raise TimeoutError(f"no Ray head on 127.0.0.1:{port} after {timeout_s} s")
+
+
+@pytest.fixture
+def kill_group_fn():
+    """`kill_group`, for tests that start drivers in their own sessions."""
+    return kill_group
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +102,8 @@ def ray_head(tmp_path_factory):
         pytest.skip(f"no ray command beside {sys.executable}")
     port = free_port()
     temp = tmp_path_factory.mktemp("rayhead")
+    from cluster.ray import LOOPBACK_ENV
+
     env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "disabled"}
     cmd = [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
@@ -98,6 +113,6 @@ def ray_head(tmp_path_factory):
         wait_for_port(port, proc)
         yield f"127.0.0.1:{port}"
     finally:
-        kill_group(proc.pid)
+        kill_group(proc.pid, proc)
         proc.wait(timeout=30)
         log.close()

@@ -143,6 +143,8 @@ def test_killed_job_fails_fast_and_its_dependent_never_runs(tmp_path):
     ex = SlurmExecutor(tmp_path / "submitit", poll_s=0.5)
     with pytest.raises(ValueError, match="GPU"):
         ex.submit(math.sqrt, 4.0, resources=Resources(gpus=1))  # this cluster has no GPUs
+    with pytest.raises(ValueError, match="offers 0 per node"):
+        SlurmExecutor(tmp_path / "gpu", gpus_per_task=1)  # refused before any unit is planned
     ok = ex.submit(time.sleep, 1)
     after_ok = ex.submit(time.time, after=[ok.job_id])
     killed = ex.submit(os._exit, 9)  # dies without a result, as an OOM kill would
@@ -163,3 +165,24 @@ def _capture(errors: list[BaseException], fn, *args) -> None:
         fn(*args)
     except BaseException as exc:  # noqa: BLE001 - the test inspects it
         errors.append(exc)
+
+
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.skipif("backend_options" not in __import__("jobs.config").config.TraceConfig.__dataclass_fields__,
+                    reason="TraceConfig has no backend_options yet (the config/run/cli diff of issue 4)")
+def test_cli_trace_on_slurm_reduces_after_the_array(llava_dir, local_run, tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "run"
+    argv = ["trace", "--model", str(llava_dir), "--dataset", DATASET, "--missing-images", "blank", "--limit", "6",
+            "--out", str(out), "--backend", "slurm", "--backend-option", "max_tasks=2", "--no-progress",
+            "--no-plots"]
+    assert main(argv) == 0
+    assert "18 units computed" in capsys.readouterr().err
+    assert_same_tables(local_run, out)
+    [stamp] = (out / "slurm").iterdir()  # the default submitit folder: beside the run, fresh per executor
+    scripts = {p.parent.name: p.read_text() for p in stamp.glob("*/*_submission.sh")}
+    array = next(name.split("_")[0] for name, text in scripts.items() if "#SBATCH --array=0-1%2" in text)
+    reduce_scripts = [text for text in scripts.values() if "--job-name=mmtrace-reduce_run" in text]
+    assert len(reduce_scripts) == 1 and f"#SBATCH --dependency=afterok:{array}\n" in reduce_scripts[0]

@@ -1,0 +1,146 @@
+"""`mmtrace rerun RUN_DIR` and `mmtrace schedule RUN_DIR --cron ...`: keep a run up to date, by hand or on a timer.
+
+A rerun reads the config recorded in RUN_DIR/manifest.json, re-resolves the model and the data, and traces
+again into the same folder. Unit ids hash everything a unit's numbers depend on (model fingerprint, trace
+semantics, samples, grid slice), so only what changed is computed: a new checkpoint redoes everything, a
+grown dataset only its new samples, an added kind only that kind; an unchanged run computes nothing and
+just reduces again. `schedule` installs that rerun as a crontab (or Slurm scrontab) entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from cluster import schedule
+from cluster.store import RunStore
+from jobs.config import TraceConfig, make_config
+
+LOG_NAME = "rerun.log"
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """The run's manifest; a folder without one was never a run (or is still being planned)."""
+    manifest = RunStore(run_dir).read_manifest() if Path(run_dir).is_dir() else None
+    if manifest is None or "config" not in manifest:
+        raise FileNotFoundError(f"{run_dir} is not a run folder: no manifest.json with a config (trace into it first)")
+    return manifest
+
+
+def what_changed(before: dict, after: dict) -> list[str]:
+    """Human-readable differences between two manifests' inputs (why units were recomputed)."""
+    checks = [("model", lambda m: m["model"]["fingerprint"]), ("dataset", lambda m: m["dataset"]["digest"]),
+              ("config", lambda m: m["config"]), ("code", lambda m: m.get("code_version"))]
+    return [name for name, get in checks if get(before) != get(after)]
+
+
+def rerun(run_dir: str | Path, backend: str | None = None, progress: bool | None = None):
+    """Trace the run's recorded config again into `run_dir`; returns (RunResult, what changed)."""
+    from jobs.run import run_trace
+
+    run_dir = Path(run_dir).resolve()
+    before = read_run(run_dir)
+    known = set(TraceConfig.__dataclass_fields__)
+    dropped = sorted(set(before["config"]) - known)
+    if dropped:  # a field an older mmtrace recorded and this one no longer has: a timer must not die of it
+        print(f"mmtrace: rerun: ignoring config keys this version does not know: {dropped}", file=sys.stderr)
+    values = {k: v for k, v in before["config"].items() if k in known}
+    values["out"] = str(run_dir)  # the folder may have moved since
+    cfg = make_config(values, backend=backend, progress=progress)
+    result = run_trace(cfg)
+    return result, what_changed(before, RunStore(run_dir).read_manifest())
+
+
+def rerun_command(run_dir: str | Path) -> str:
+    """The shell command a timer runs: this interpreter (cron's PATH has no venv), from the current folder
+    (relative model and data paths in the config resolve as they did at trace time)."""
+    return (f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m jobs.rerun "
+            f"{shlex.quote(str(Path(run_dir).resolve()))} --no-progress")
+
+
+def schedule_entry(run_dir: str | Path, cron: str, slurm_options: tuple[str, ...] = ()) -> schedule.Entry:
+    run_dir = Path(run_dir).resolve()
+    return schedule.Entry(key=f"rerun:{run_dir}", cron=cron, command=rerun_command(run_dir),
+                          log=str(run_dir / LOG_NAME), slurm_options=slurm_options)
+
+
+def _rerun_main(args: argparse.Namespace) -> int:
+    result, changed = rerun(args.run_dir, backend=args.backend, progress=args.progress)
+    red = result.reduced
+    print(f"mmtrace: rerun {result.run_id}: {result.computed_units} units computed, {result.skipped_units} "
+          f"unchanged; inputs changed: {', '.join(changed) or 'none'}; {red.samples} samples ({red.ok} ok), "
+          f"{red.cells} cells; {result.seconds:.1f} s", file=sys.stderr)
+    print(result.out)
+    return 0 if red.ok or not red.samples else 1
+
+
+def _schedule_main(args: argparse.Namespace) -> int:
+    read_run(args.run_dir)  # refuse to schedule something that cannot be rerun
+    key = f"rerun:{Path(args.run_dir).resolve()}"
+    where = "scrontab" if args.slurm else "crontab"
+    if args.remove:
+        removed = schedule.remove(key, slurm=args.slurm, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"mmtrace: {verb} the {where} entry for {args.run_dir}" if removed
+              else f"mmtrace: no {where} entry for {args.run_dir}", file=sys.stderr)
+        return 0
+    if args.cron is None:
+        raise ValueError("schedule needs --cron 'MIN HOUR DAY MONTH WEEKDAY' (or --remove)")
+    entry = schedule_entry(args.run_dir, args.cron, tuple(args.sbatch or ()))
+    lines = schedule.install(entry, slurm=args.slurm, dry_run=args.dry_run)
+    print("\n".join(lines))
+    if not args.dry_run:
+        print(f"mmtrace: installed in the {where}; remove with: mmtrace schedule {args.run_dir} --remove"
+              + (" --slurm" if args.slurm else ""), file=sys.stderr)
+    return 0
+
+
+def add_rerun_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("rerun", help="trace a run folder's recorded config again; computes only what changed")
+    p.add_argument("run_dir", help="a folder written by `mmtrace trace`")
+    p.add_argument("--backend", help="run on another backend than the recorded one (local, slurm, ...)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.set_defaults(func=_rerun_main)
+    return p
+
+
+def add_schedule_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("schedule", help="rerun a run folder on a timer (crontab, or Slurm scrontab)")
+    p.add_argument("run_dir", help="a folder written by `mmtrace trace`")
+    p.add_argument("--cron", help='when, in cron syntax: "0 3 * * *" = every day at 03:00')
+    p.add_argument("--slurm", action="store_true", help="install in Slurm's scrontab instead of the crontab")
+    p.add_argument("--sbatch", action="append", metavar="OPTION",
+                   help="with --slurm: an sbatch option for the rerun job, e.g. --sbatch=--time=120 (repeatable)")
+    p.add_argument("--remove", action="store_true", help="remove this run's entry")
+    p.add_argument("--dry-run", action="store_true", help="print the entry, change nothing")
+    p.set_defaults(func=_schedule_main)
+    return p
+
+
+def add_parser(subparsers) -> None:
+    """Register `rerun` and `schedule` on the `mmtrace` command line."""
+    add_rerun_parser(subparsers)
+    add_schedule_parser(subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m jobs.rerun RUN_DIR`: what a crontab entry runs (no dependency on the installed script)."""
+    parser = argparse.ArgumentParser(prog="mmtrace rerun", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("rerun", "schedule", "-h", "--help"):
+        argv.insert(0, "rerun")
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"mmtrace: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""RunStore's exactly-once publication: what at-least-once backends (Ray retries, Slurm reruns) rely on."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster.store import RunStore, atomic_path, write_json
+
+
+def write_text(text: str):
+    def write(folder: Path) -> None:
+        (folder / "data.txt").write_text(text)
+    return write
+
+
+def test_commit_twice_keeps_the_first(tmp_path):
+    store = RunStore(tmp_path)
+    assert store.commit("u1", write_text("first")) is True
+    stamp = store.unit_dir("u1").stat().st_ino
+    assert store.commit("u1", write_text("second")) is False
+    assert (store.unit_dir("u1") / "data.txt").read_text() == "first"
+    assert store.unit_dir("u1").stat().st_ino == stamp
+    assert store.committed() == {"u1"}
+    assert [p.name for p in store.units.iterdir()] == ["u1"]  # the loser's temporary folder is gone
+
+
+def _racer(root: str, unit_id: str, tag: str, start_at: float, queue) -> None:
+    """Commit the same unit as another process at the same instant; the write is slow enough to overlap."""
+    def write(folder: Path) -> None:
+        (folder / "data.txt").write_text(tag)
+        time.sleep(0.3)  # both processes are inside their temporary folders now
+    while time.time() < start_at:
+        time.sleep(0.001)
+    queue.put((tag, RunStore(root).commit(unit_id, write)))
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_concurrent_commits_publish_one_folder(tmp_path, round_):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 1.5  # spawned interpreters need a moment to import
+    procs = [ctx.Process(target=_racer, args=(str(tmp_path), "u", tag, start_at, queue)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    outcomes = dict(queue.get(timeout=30) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    store = RunStore(tmp_path)
+    assert sorted(outcomes.values()) == [False, True]  # exactly one winner
+    winner = next(tag for tag, won in outcomes.items() if won)
+    assert (store.unit_dir("u") / "data.txt").read_text() == winner
+    assert [p.name for p in store.units.iterdir()] == ["u"]
+    assert store.committed() == {"u"}
+
+
+def test_a_failed_write_publishes_nothing(tmp_path):
+    store = RunStore(tmp_path)
+
+    def crash(folder: Path) -> None:
+        (folder / "half.txt").write_text("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        store.commit("u", crash)
+    assert store.committed() == set()
+    assert list(store.units.iterdir()) == []
+    assert store.commit("u", write_text("retry")) is True
+
+
+def test_partial_temp_folders_are_ignored_then_cleaned(tmp_path):
+    store = RunStore(tmp_path)
+    store.commit("done", write_text("ok"))
+    for name in (".u1.tmp-123-abcdef12", ".u2.tmp-456-00000000"):  # what a SIGKILL mid-commit leaves
+        (store.units / name).mkdir()
+        (store.units / name / "data.txt").write_text("half")
+    assert store.committed() == {"done"}
+    assert store.clean_partial() == 2
+    assert sorted(p.name for p in store.units.iterdir()) == ["done"]
+    assert store.clean_partial() == 0
+
+
+def test_committed_ignores_files_and_hidden_entries(tmp_path):
+    store = RunStore(tmp_path)
+    (store.units / "stray.txt").write_text("not a unit")
+    (store.units / ".hidden").mkdir()
+    store.commit("u", write_text("x"))
+    assert store.committed() == {"u"}
+
+
+def test_atomic_path_keeps_the_old_file_when_the_write_fails(tmp_path):
+    target = tmp_path / "manifest.json"
+    write_json(target, {"v": 1})
+    with pytest.raises(ValueError):
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"v": 2, "trunc')
+            raise ValueError("interrupted")
+    assert target.read_text().replace(" ", "").replace("\n", "") == '{"v":1}'
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json"]
+
+
+def test_manifest_round_trips(tmp_path):
+    store = RunStore(tmp_path)
+    assert store.read_manifest() is None
+    store.write_manifest({"run_id": "abc", "units": ["u1", "u2"]})
+    assert store.read_manifest() == {"run_id": "abc", "units": ["u1", "u2"]}
