@@ -17,6 +17,9 @@ Why it is shaped this way:
 - Loopback: when the executor starts Ray itself, or joins one at 127.0.0.1 / localhost, it turns on
   `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the one switch seen to keep every Ray listener and the node
   address on 127.0.0.1, and turns usage stats off; a cluster elsewhere keeps Ray's own networking.
+- Auth (2.60): a local Ray started here uses token auth (token in ~/.ray/auth_token). To join a head
+  started with `RAY_AUTH_MODE=disabled`, the client needs `RAY_AUTH_MODE=disabled` too: with `token` it
+  still runs tasks, but its actors die at creation (the run then fails with "every Ray actor died").
 - `submit` tasks ask for no CPUs (Ray `num_cpus=0`, torch threads pinned to `Resources.cpus` instead): a
   task asking for a CPU while the trace actors hold them all stays PENDING forever on a small node.
 
@@ -53,7 +56,7 @@ def is_loopback(address: str) -> bool:
     return host in LOOPBACK_HOSTS
 
 
-def pin_to_loopback(ray) -> None:
+def pin_to_loopback() -> None:
     """Keep this driver, and any Ray it starts, on 127.0.0.1.
 
     Ray reads its node-address switch into a constant at import time and, with the switch on, maps even an
@@ -310,6 +313,7 @@ class Dispatcher:
         except self.ray.exceptions.RayActorError:  # still coming back
             self._probe(slot)
             return
+        self.stats["rejoined"] += 1
         self.free.append(slot)
 
     def _committed(self, ref) -> tuple[Any, Any] | None:
@@ -343,11 +347,12 @@ class RayJob(Job):
 class RayExecutor(Executor):
     """Units on a pool of resident Ray actors; jobs as Ray tasks. See the module docstring for why.
 
-    During `map_units` the live actor handles are in `self.actors` (tests kill one there); `self.stats`
-    counts what the last `map_units` dispatched, retried (units whose actor died), the actors lost for good,
-    the worker processes that computed units (`pids`: a restarted actor adds one), and `pool_s`, the seconds until
-    the pool was started (`wait_ready=True`: until every actor had built its worker, so a benchmark can
-    time the units alone and a model that fails to load fails before any unit is sent).
+    During `map_units` the live actor handles are in `self.actors` (tests kill one there). `self.stats`
+    describes the last `map_units`: units dispatched; units retried because their actor died; restarted
+    actors that rejoined the pool; actors lost for good; `pids`, the processes that computed units (a
+    restarted actor adds one); and `pool_s`, the seconds until the pool was started (with `wait_ready=True`,
+    until every actor had built its worker, so a benchmark times the units alone and a model that fails to
+    load fails before any unit is sent).
     """
 
     name = "ray"
@@ -381,7 +386,7 @@ class RayExecutor(Executor):
             return ray
         target = target_address(self.address, self.temp_dir)
         if target is None or is_loopback(target):
-            pin_to_loopback(ray)
+            pin_to_loopback()
         if target is None:
             ray.init(address="local", num_cpus=self.num_actors * self.cpus_per_actor,
                      include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=self.temp_dir)
@@ -445,7 +450,7 @@ class RayExecutor(Executor):
         if not units:
             return
         ray = self.connect()
-        self.stats = {"dispatched": 0, "retried": 0, "dead_actors": 0, "pids": set()}
+        self.stats = {"dispatched": 0, "retried": 0, "rejoined": 0, "dead_actors": 0, "pids": set()}
         started = time.perf_counter()
         try:
             self.start_pool(ray, factory, sink, min(self.num_actors, len(units)))

@@ -1,8 +1,8 @@
 """Ray fixtures: one private loopback Ray per test module, and a real `ray start --head` for the cluster path.
 
 Every Ray here binds 127.0.0.1 (see cluster/ray.py) and keeps its files under pytest's tmp folder, so runs
-stay apart and nothing is left in /tmp/ray. A head started with `ray start` is stopped by killing its own
-process group: `ray stop` would stop every Ray on this shared machine, not just ours.
+stay apart and nothing is left in /tmp/ray. A head started with `ray start` is stopped by signalling its own
+process tree: `ray stop` would stop every Ray on this shared machine, not just ours.
 """
 
 from __future__ import annotations
@@ -26,35 +26,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def group_alive(pgid: int) -> bool:
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc. Ray's workers start in process groups of their own, so a
+    group kill misses them; collected before the driver dies, the tree names each process we started."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
     try:
-        os.killpg(pgid, 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie has exited; only its parent's wait is missing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
-def kill_group(pgid: int, leader: subprocess.Popen | None = None, grace_s: float = 3.0) -> None:
-    """SIGTERM a process group we started, then SIGKILL what is left; return once it is gone.
-
-    The leader, if it is our child, is reaped as we go: a zombie still counts as a member of its group.
-    """
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 20.0)):
-        if leader is not None:
-            leader.poll()
-        if not group_alive(pgid):
-            return
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
         try:
-            os.killpg(pgid, sig)
+            os.kill(pid, sig)
         except ProcessLookupError:
-            return
+            pass
+
+
+def kill_tree(leader: subprocess.Popen, first: int = signal.SIGTERM, grace_s: float = 3.0,
+              tree: list[int] | None = None) -> None:
+    """Stop a process we started and everything below it: `first`, then SIGKILL; return once all are gone.
+
+    Pass `tree` (from `descendants`, taken while the leader lived) when the leader may already be dead,
+    since its orphans are then re-parented and no longer found below it.
+    """
+    pids = [leader.pid, *(tree if tree is not None else descendants(leader.pid))]
+    for sig, wait in ((first, grace_s), (signal.SIGKILL, 20.0)):
+        signal_all([p for p in pids if alive(p)], sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            if leader is not None:
-                leader.poll()
-            if not group_alive(pgid):
+            leader.poll()
+            if not any(alive(p) for p in pids):
                 return
             time.sleep(0.1)
 
@@ -73,9 +97,9 @@ def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) ->
 
 
 @pytest.fixture
-def kill_group_fn():
-    """`kill_group`, for tests that start drivers in their own sessions."""
-    return kill_group
+def process_tree():
+    """(descendants, kill_tree), for tests that start and kill drivers."""
+    return descendants, kill_tree
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +137,6 @@ def ray_head(tmp_path_factory):
         wait_for_port(port, proc)
         yield f"127.0.0.1:{port}"
     finally:
-        kill_group(proc.pid, proc)
+        kill_tree(proc)
         proc.wait(timeout=30)
         log.close()

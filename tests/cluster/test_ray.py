@@ -205,7 +205,7 @@ def test_a_pool_larger_than_the_cluster_is_refused(ray_local):
 
 @pytest.mark.parametrize("max_restarts", [1, 0])
 def test_a_killed_actor_rejoins_after_its_restart_or_the_pool_shrinks(ray_local, max_restarts):
-    units = [(f"u{i}", 0.25) for i in range(16)]
+    units = [(f"u{i}", 0.25) for i in range(32)]  # ~7 s on the survivor: longer than a restart
     executor = RayExecutor(num_actors=2, max_restarts=max_restarts)
     seen = []
     for unit, receipt in executor.map_units(lambda: sleeper, units, PidSink()):
@@ -215,9 +215,11 @@ def test_a_killed_actor_rejoins_after_its_restart_or_the_pool_shrinks(ray_local,
     assert sorted(seen) == sorted(units)  # every unit once, the one in flight included
     assert executor.stats["retried"] == 1
     if max_restarts:  # the restarted process (a new pid) took units again
-        assert len(executor.stats["pids"]) == 3 and executor.stats["dead_actors"] == 0
+        assert executor.stats["rejoined"] == 1 and executor.stats["dead_actors"] == 0
+        assert len(executor.stats["pids"]) == 3
     else:
-        assert len(executor.stats["pids"]) == 2 and executor.stats["dead_actors"] == 1
+        assert executor.stats["rejoined"] == 0 and executor.stats["dead_actors"] == 1
+        assert len(executor.stats["pids"]) == 2
 
 
 def test_edit_like_job_asks_for_a_gpu_and_runs_on_cpu_here(ray_local, llava_dir):
@@ -293,20 +295,23 @@ def last_json(stdout: str) -> dict:
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
-def test_a_killed_driver_resumes_without_loss_duplicates_or_recomputation(llava_dir, tmp_path,
-                                                                          kill_group_fn, tmp_path_factory):
-    kill_group, ray_tmp = kill_group_fn, tmp_path_factory.mktemp("rt")
+def test_a_killed_driver_resumes_without_loss_duplicates_or_recomputation(llava_dir, tmp_path, tmp_path_factory,
+                                                                          process_tree):
+    descendants, kill_tree = process_tree
+    ray_tmp = tmp_path_factory.mktemp("rt")
     out, total = tmp_path / "trace", 6 * 3 * 4  # samples x kinds x one-layer slices
     proc = driver(tmp_path, ray_tmp, llava_dir, out, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tree = []
     try:
         deadline = time.monotonic() + 120
         while not (out / "units").is_dir() or len(RunStore(out).committed()) < 3:
             assert proc.poll() is None and time.monotonic() < deadline, "the driver ended before committing 3 units"
             time.sleep(0.02)
+        tree = descendants(proc.pid)  # its local Ray: raylet, GCS, the actors and the reducer
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
-        kill_group(proc.pid, proc)  # the driver's own Ray (raylet, actors) goes with it, so nothing commits later
+        kill_tree(proc, signal.SIGKILL, tree=tree or None)  # so nothing commits after the snapshot below
     before = snapshot(out)
     assert 3 <= len(before) < total
 
@@ -314,7 +319,7 @@ def test_a_killed_driver_resumes_without_loss_duplicates_or_recomputation(llava_
     try:
         stdout, stderr = rerun.communicate(timeout=180)
     finally:
-        kill_group(rerun.pid, rerun)
+        kill_tree(rerun)
     assert rerun.returncode == 0, stderr[-3000:]
     report_ = last_json(stdout)
     assert report_["computed"] == total - len(before) and report_["skipped"] == len(before)
