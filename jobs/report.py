@@ -501,7 +501,7 @@ def plot_comparison(cells_a: pd.DataFrame | pa.Table, cells_b: pd.DataFrame | pa
                 continue
             n_samples, n_cells = _counts(frame, kind)
             _draw_panel(fig, ax, m[kind], kind,
-                        f"{label}: {KIND_TITLES.get(kind, kind)} (n={n_samples} samples, {n_cells} cells)",
+                        f"{label}\n{KIND_TITLES.get(kind, kind)} (n={n_samples} samples, {n_cells} cells)",
                         vmin=vmin, vmax=vmax)
             if col == 0:
                 ax.set_ylabel("token role", fontsize=9)

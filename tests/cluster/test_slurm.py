@@ -25,7 +25,7 @@ from cluster.store import RunStore
 from jobs.config import make_config
 from jobs.run import run_trace
 
-DATASET = "vqa-constraints:/work/shared/data/vqa_constraints"
+DATASET = f"vqa-constraints:{Path(__file__).resolve().parents[3] / 'shared' / 'data' / 'vqa_constraints'}"
 if not Path(DATASET.split(":", 1)[1]).is_dir():  # CI: a fresh clone with shared/ beside it
     DATASET = "vqa-constraints:" + str(Path(__file__).resolve().parents[3] / "shared/data/vqa_constraints")
 PROBLEM = cluster_problem()

@@ -28,7 +28,7 @@ from jobs.datasets import (
 )
 from jobs.datasets.cli import add_parser, main
 
-DATA = Path("/work/shared/data/vqa_constraints")
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "vqa_constraints"  # ../shared beside the repo
 needs_data = pytest.mark.skipif(not (DATA / "okvqa.csv").is_file(), reason=f"the shared CSVs are not at {DATA}")
 
 

@@ -21,7 +21,7 @@ from jobs.datasets.vqa_constraints import (
 from workers.encoding import find_constraint, token_span
 from workers.spec import BLANK_IMAGE, TEXT_TEMPLATE, build_prompt
 
-DATA = Path("/work/shared/data/vqa_constraints")
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "vqa_constraints"  # ../shared beside the repo
 pytestmark = pytest.mark.skipif(not (DATA / "okvqa.csv").is_file(), reason=f"the shared CSVs are not at {DATA}")
 
 # Measured on the authors' files: 239 OK-VQA constraints are not substrings of their question and 3 hold a
