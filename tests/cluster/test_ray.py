@@ -214,12 +214,14 @@ def test_a_killed_actor_rejoins_after_its_restart_or_the_pool_shrinks(ray_local,
         seen.append(unit)
     assert sorted(seen) == sorted(units)  # every unit once, the one in flight included
     assert executor.stats["retried"] == 1
+    # The killed actor may die before it reports a first unit on a loaded machine, so its old pid may be
+    # missing from `pids`; the restarted process always adds a new one.
     if max_restarts:  # the restarted process (a new pid) took units again
         assert executor.stats["rejoined"] == 1 and executor.stats["dead_actors"] == 0
-        assert len(executor.stats["pids"]) == 3
+        assert len(executor.stats["pids"]) in (2, 3)
     else:
         assert executor.stats["rejoined"] == 0 and executor.stats["dead_actors"] == 1
-        assert len(executor.stats["pids"]) == 2
+        assert len(executor.stats["pids"]) in (1, 2)
 
 
 def test_edit_like_job_asks_for_a_gpu_and_runs_on_cpu_here(ray_local, llava_dir):
