@@ -1,4 +1,4 @@
-"""The `mmtrace` command line: `trace`, `bench`, `data`, `organism`."""
+"""The `mmtrace` command line: trace, bench, compare, data, organism, rerun, schedule."""
 
 from __future__ import annotations
 
@@ -99,6 +99,12 @@ def _trace(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.ray:
+        from jobs.bench_ray import bench_ray_scaling
+
+        report = bench_ray_scaling(samples=args.samples, threads_per_actor=args.threads or 1, layers=args.layers)
+        print(json.dumps(report, indent=1, default=str) if args.json else report["text"])
+        return 0
     from jobs.bench import bench_trace
 
     report = bench_trace(layers=args.layers, question=args.question, reference_cells=args.reference_cells,
@@ -132,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--reference-cells", type=int, default=None, help="time the oracle on this many cells only")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--json", action="store_true")
+    b.add_argument("--ray", action="store_true", help="instead: Ray scaling, the same trace on 1 vs 2 actors")
+    b.add_argument("--samples", type=int, default=8, help="with --ray: samples to trace")
     b.set_defaults(func=_bench)
     c = sub.add_parser("compare", help="two runs' heatmaps in one PNG (e.g. visual above text-only)")
     c.add_argument("run_a")
