@@ -91,20 +91,31 @@ class RunResult:
     seconds: float
 
 
-def _manifest(cfg: TraceConfig, run_id: str, model_path: str, samples: list[Sample], unit_ids: list[str]) -> dict:
-    from jobs.datasets import dataset_digest
+@dataclass(frozen=True)
+class RunIdentity:
+    """What names a run, each hashed once: the model's fingerprint and the dataset's digest."""
 
-    return {"run_id": run_id, "config": asdict(cfg), "model": {"id": cfg.model, "path": model_path,
-            "revision": cfg.revision, "fingerprint": model_fingerprint(model_path)},
-            "dataset": {"spec": cfg.dataset, "digest": dataset_digest(samples), "samples": len(samples)},
+    model_path: str
+    fingerprint: str
+    dataset_digest: str
+
+    @classmethod
+    def of(cls, model_path: str, samples: list[Sample]) -> "RunIdentity":
+        from jobs.datasets import dataset_digest
+
+        return cls(model_path, model_fingerprint(model_path), dataset_digest(samples))
+
+    def run_id(self, cfg: TraceConfig) -> str:
+        blob = f"{cfg.digest()}:{self.fingerprint}:{self.dataset_digest}"
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _manifest(cfg: TraceConfig, ident: RunIdentity, samples: list[Sample], unit_ids: list[str]) -> dict:
+    return {"run_id": ident.run_id(cfg), "config": asdict(cfg),
+            "model": {"id": cfg.model, "path": ident.model_path, "revision": cfg.revision,
+                      "fingerprint": ident.fingerprint},
+            "dataset": {"spec": cfg.dataset, "digest": ident.dataset_digest, "samples": len(samples)},
             "code_version": code_version(), "units": unit_ids}
-
-
-def run_id_for(cfg: TraceConfig, model_path: str, samples: list[Sample]) -> str:
-    from jobs.datasets import dataset_digest
-
-    blob = f"{cfg.digest()}:{model_fingerprint(model_path)}:{dataset_digest(samples)}"
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def executor_options(cfg: TraceConfig) -> dict:
@@ -125,14 +136,14 @@ def run_trace(cfg: TraceConfig) -> RunResult:
     started = time.perf_counter()
     model_path = resolve_model(cfg.model)
     samples = load_samples(cfg)
-    run_id = run_id_for(cfg, model_path, samples)
+    ident = RunIdentity.of(model_path, samples)
     store = RunStore(cfg.out)
     store.clean_partial()
     spec = cfg.trace_spec()
-    base = unit_base(model_fingerprint(model_path), spec, cfg.engine)
+    base = unit_base(ident.fingerprint, spec, cfg.engine)
     layers = num_decoder_layers(model_path, cfg.revision, cfg.trust_remote_code)
     units = plan_units(samples, base, spec.kinds, layers, cfg.samples_per_unit, cfg.layers_per_unit)
-    store.write_manifest(_manifest(cfg, run_id, model_path, samples, [u.unit_id for u in units]))
+    store.write_manifest(_manifest(cfg, ident, samples, [u.unit_id for u in units]))
     done = store.committed()
     todo = [u for u in units if u.unit_id not in done]
     model = ModelSpec(model_path, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code)
@@ -151,5 +162,5 @@ def run_trace(cfg: TraceConfig) -> RunResult:
     reduced = executor.submit(reduce_run, cfg.out, [u.unit_id for u in units], plots=cfg.plots,
                               title=f"{Path(cfg.model).name} on {cfg.dataset}",
                               **({"after": [array]} if array else {})).result()
-    return RunResult(run_id, Path(cfg.out), len(todo), len(units) - len(todo), reduced,
+    return RunResult(ident.run_id(cfg), Path(cfg.out), len(todo), len(units) - len(todo), reduced,
                      time.perf_counter() - started)

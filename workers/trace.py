@@ -16,6 +16,7 @@ row 0 of the same pass. It is the oracle and the benchmark baseline.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from abc import ABC, abstractmethod
 import hashlib
 from dataclasses import dataclass
@@ -171,8 +172,6 @@ class ReferenceEngine(Engine):
             return self.adapter.model(input_ids=ids, **self._model_inputs(enc, 3)).logits
 
     def _noise(self, prep: Prepared):
-        from contextlib import nullcontext
-
         cor = prep.corruption
         if cor.noise is None:
             return nullcontext()

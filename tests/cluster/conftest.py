@@ -123,7 +123,7 @@ def ray_head(tmp_path_factory):
     """A real head: `ray start --head --block` on loopback, auth off; yields "127.0.0.1:PORT"."""
     pytest.importorskip("ray", reason="ray is not installed")
     if not RAY_BIN.exists():
-        pytest.skip(f"no ray command beside {sys.executable}")
+        pytest.skip(reason=f"no ray command beside {sys.executable}")
     port = free_port()
     temp = tmp_path_factory.mktemp("rayhead")
     from cluster.ray import LOOPBACK_ENV

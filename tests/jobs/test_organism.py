@@ -224,7 +224,7 @@ def test_cli_parser():
 
 def test_ensure_installs_the_shipped_organism(tmp_path, capsys):
     if not (ds.SHIPPED / "model.safetensors").exists():
-        pytest.skip("no weights shipped in the repository")
+        pytest.skip(reason="no weights shipped in the repository")
     root = ds.ensure_organism(cache_dir=tmp_path)
     assert root == tmp_path / ds.ORGANISM_NAME and "installing the shipped organism" in capsys.readouterr().err
     assert ds.ensure_organism(cache_dir=tmp_path) == root and capsys.readouterr().err == ""  # second use: silent
@@ -291,7 +291,7 @@ def test_fresh_build_loads_like_a_checkpoint_and_generates(fresh_organism):
 def test_shipped_weights_match_a_fresh_build(fresh_scores, tmp_path):
     """Shipped weights are only allowed if the build command reproduces a model of the same quality."""
     if not (ds.SHIPPED / "model.safetensors").exists():
-        pytest.skip("no weights shipped in the repository")
+        pytest.skip(reason="no weights shipped in the repository")
     from jobs.organism.evaluate import evaluate_organism
 
     root = ds.ensure_organism(cache_dir=tmp_path)
