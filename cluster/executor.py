@@ -56,9 +56,9 @@ class Executor(ABC):
         """Run `fn(*args, **kwargs)` as one job."""
 
 
-BACKENDS = {"local": "cluster.local:LocalExecutor",
-            "slurm": "cluster.slurm:SlurmExecutor",
-            "ray": "cluster.ray:RayExecutor"}
+BACKENDS = {"local": "mmtrace.cluster.local:LocalExecutor",
+            "slurm": "mmtrace.cluster.slurm:SlurmExecutor",
+            "ray": "mmtrace.cluster.ray:RayExecutor"}
 
 
 def make_executor(backend: str, **options: Any) -> Executor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from cluster.executor import DoneJob, Executor, Job, Resources, Sink, WorkerFactory
+from mmtrace.cluster.executor import DoneJob, Executor, Job, Resources, Sink, WorkerFactory
 
 
 class LocalExecutor(Executor):

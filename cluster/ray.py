@@ -37,7 +37,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
-from cluster.executor import Executor, Job, Resources, Sink, WorkerFactory
+from mmtrace.cluster.executor import Executor, Job, Resources, Sink, WorkerFactory
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}

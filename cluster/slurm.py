@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from cluster.executor import Executor, Job, Resources, Sink, WorkerFactory
+from mmtrace.cluster.executor import Executor, Job, Resources, Sink, WorkerFactory
 
 # Slurm states in which a job may still produce its result (submitit's list, plus the ones it cannot know).
 UNFINISHED = {"READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED", "CONFIGURING",

@@ -64,10 +64,11 @@ class RunStore:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.units = self.root / "units"
-        self.units.mkdir(parents=True, exist_ok=True)
+        self.units = self.root / "units"  # made by the first commit: reading a folder never writes to it
 
     def committed(self) -> set[str]:
+        if not self.units.is_dir():
+            return set()
         return {p.name for p in self.units.iterdir() if p.is_dir() and not p.name.startswith(".")}
 
     def unit_dir(self, unit_id: str) -> Path:
@@ -78,6 +79,7 @@ class RunStore:
         final = self.unit_dir(unit_id)
         if final.exists():
             return False
+        self.units.mkdir(parents=True, exist_ok=True)
         tmp = self.units / f".{unit_id}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
@@ -100,6 +102,8 @@ class RunStore:
 
     def clean_partial(self) -> int:
         """Remove temporary folders left by a crash mid-commit; they were never published."""
+        if not self.units.is_dir():
+            return 0
         stale = [p for p in self.units.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
         for p in stale:
             shutil.rmtree(p, ignore_errors=True)

@@ -12,10 +12,10 @@ import time
 import numpy as np
 import torch
 
-from workers.adapters import load_adapter
-from workers.spec import BLANK_IMAGE, Sample, TraceSpec
-from workers.toy import build_tiny_llava
-from workers.trace import grid, make_engine
+from mmtrace.workers.adapters import load_adapter
+from mmtrace.workers.spec import BLANK_IMAGE, Sample, TraceSpec
+from mmtrace.workers.toy import build_tiny_llava
+from mmtrace.workers.trace import grid, make_engine
 
 
 def _timed(engine, prep, keys, repeats: int) -> tuple[float, list[float]]:

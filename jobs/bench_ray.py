@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.ray import RayExecutor
-from jobs import report
-from jobs.plan import plan_units, unit_base
-from jobs.reduce import UnitSink, reduce_run
-from workers.spec import BLANK_IMAGE, Sample, TraceSpec
-from workers.toy import build_tiny_llava
-from workers.worker import ModelSpec, TraceWorker
+from mmtrace.cluster.ray import RayExecutor
+from mmtrace.jobs import report
+from mmtrace.jobs.plan import plan_units, unit_base
+from mmtrace.jobs.reduce import UnitSink, reduce_run
+from mmtrace.workers.spec import BLANK_IMAGE, Sample, TraceSpec
+from mmtrace.workers.toy import build_tiny_llava
+from mmtrace.workers.worker import ModelSpec, TraceWorker
 
 QUESTIONS = (
     ("This building is located in", "This building"),

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.config import TraceConfig, load_yaml, make_config
+from mmtrace.jobs.config import TraceConfig, load_yaml, make_config
 
 
 def _trace_args(p: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def parse_options(pairs: list[str]) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> TraceConfig:
-    from jobs.datasets import parse_image_dirs
+    from mmtrace.jobs.datasets import parse_image_dirs
 
     flags = {f: getattr(args, f, None) for f in TraceConfig.__dataclass_fields__}
     if args.images:
@@ -83,7 +83,7 @@ def _recorded_config(out: str | None) -> dict:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from jobs.run import run_trace
+    from mmtrace.jobs.run import run_trace
 
     cfg = config_from_args(args)
     result = run_trace(cfg)
@@ -100,12 +100,12 @@ def _trace(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.ray:
-        from jobs.bench_ray import bench_ray_scaling
+        from mmtrace.jobs.bench_ray import bench_ray_scaling
 
         report = bench_ray_scaling(samples=args.samples, threads_per_actor=args.threads or 1, layers=args.layers)
         print(json.dumps(report, indent=1, default=str) if args.json else report["text"])
         return 0
-    from jobs.bench import bench_trace
+    from mmtrace.jobs.bench import bench_trace
 
     report = bench_trace(layers=args.layers, question=args.question, reference_cells=args.reference_cells,
                          threads=args.threads)
@@ -114,7 +114,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from jobs import report
+    from mmtrace.jobs import report
 
     labels = args.labels.split(",") if args.labels else [Path(args.run_a).name, Path(args.run_b).name]
     path = report.plot_comparison(report.read_cells(args.run_a), report.read_cells(args.run_b), labels, args.out)
@@ -123,9 +123,9 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from jobs.datasets.cli import add_parser as add_data
-    from jobs.organism.cli import add_parser as add_organism
-    from jobs.rerun import add_parser as add_rerun
+    from mmtrace.jobs.datasets.cli import add_parser as add_data
+    from mmtrace.jobs.organism.cli import add_parser as add_organism
+    from mmtrace.jobs.rerun import add_parser as add_rerun
 
     parser = argparse.ArgumentParser(prog="mmtrace", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from workers.spec import KINDS, TraceSpec
+from mmtrace.workers.spec import KINDS, TraceSpec
 
 ORGANISM = "organism"
 

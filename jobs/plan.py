@@ -12,8 +12,8 @@ import hashlib
 import json
 from dataclasses import asdict
 
-from workers.spec import Sample, TraceSpec
-from workers.worker import TraceUnit
+from mmtrace.workers.spec import Sample, TraceSpec
+from mmtrace.workers.worker import TraceUnit
 
 
 def sample_digest(sample: Sample) -> str:

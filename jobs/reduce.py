@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cluster.store import RunStore
-from jobs import report
-from workers.cells import CELL_SCHEMA
-from workers.worker import UnitResult
+from mmtrace.cluster.store import RunStore
+from mmtrace.jobs import report
+from mmtrace.workers.cells import CELL_SCHEMA
+from mmtrace.workers.worker import UnitResult
 
 UNIT_CELLS, UNIT_SAMPLES = "cells.parquet", "samples.parquet"
 ROWS_PER_PART = 1_000_000

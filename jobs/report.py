@@ -36,9 +36,9 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from cluster.store import atomic_path
-from workers.cells import CELL_SCHEMA, SAMPLE_SCHEMA
-from workers.spec import ALIGNED_ROLES, KINDS, TOKEN_ROLES
+from mmtrace.cluster.store import atomic_path
+from mmtrace.workers.cells import CELL_SCHEMA, SAMPLE_SCHEMA
+from mmtrace.workers.spec import ALIGNED_ROLES, KINDS, TOKEN_ROLES
 
 CELLS_DIR = "cells"
 SAMPLES_FILE = "samples.parquet"

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
-from cluster import schedule
-from cluster.store import RunStore
-from jobs.config import TraceConfig, make_config
+from mmtrace.cluster import schedule
+from mmtrace.cluster.store import RunStore
+from mmtrace.jobs.config import TraceConfig, make_config
 
 LOG_NAME = "rerun.log"
 
@@ -39,7 +40,7 @@ def what_changed(before: dict, after: dict) -> list[str]:
 
 def rerun(run_dir: str | Path, backend: str | None = None, progress: bool | None = None):
     """Trace the run's recorded config again into `run_dir`; returns (RunResult, what changed)."""
-    from jobs.run import run_trace
+    from mmtrace.jobs.run import run_trace
 
     run_dir = Path(run_dir).resolve()
     before = read_run(run_dir)
@@ -54,10 +55,20 @@ def rerun(run_dir: str | Path, backend: str | None = None, progress: bool | None
     return result, what_changed(before, RunStore(run_dir).read_manifest())
 
 
+def entry_point() -> Path:
+    """The `mmtrace` console script of this installation, by absolute path (cron's PATH has no venv)."""
+    beside = Path(sys.executable).with_name("mmtrace")
+    found = beside if beside.is_file() else (shutil.which("mmtrace") and Path(shutil.which("mmtrace") or ""))
+    if not found:
+        raise FileNotFoundError("the `mmtrace` console script is not installed beside this Python; "
+                                "`pip install mmtrace` (or `pip install -e .`) before scheduling a rerun")
+    return Path(found).resolve()
+
+
 def rerun_command(run_dir: str | Path) -> str:
-    """The shell command a timer runs: this interpreter (cron's PATH has no venv), from the current folder
+    """The shell command a timer runs: the installed entry point by absolute path, from the current folder
     (relative model and data paths in the config resolve as they did at trace time)."""
-    return (f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m jobs.rerun "
+    return (f"cd {shlex.quote(os.getcwd())} && {shlex.quote(str(entry_point()))} rerun "
             f"{shlex.quote(str(Path(run_dir).resolve()))} --no-progress")
 
 
@@ -124,23 +135,3 @@ def add_parser(subparsers) -> None:
     """Register `rerun` and `schedule` on the `mmtrace` command line."""
     add_rerun_parser(subparsers)
     add_schedule_parser(subparsers)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m jobs.rerun RUN_DIR`: what a crontab entry runs (no dependency on the installed script)."""
-    parser = argparse.ArgumentParser(prog="mmtrace rerun", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("rerun", "schedule", "-h", "--help"):
-        argv.insert(0, "rerun")
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"mmtrace: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

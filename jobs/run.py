@@ -12,28 +12,28 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from cluster.executor import make_executor
-from cluster.store import RunStore
-from jobs.config import ORGANISM, TraceConfig
-from jobs.plan import plan_units, unit_base
-from jobs.reduce import Reduced, UnitSink, reduce_run
-from workers.adapters import num_decoder_layers
-from workers.spec import Sample
-from workers.worker import ModelSpec, TraceWorker
+from mmtrace.cluster.executor import make_executor
+from mmtrace.cluster.store import RunStore
+from mmtrace.jobs.config import ORGANISM, TraceConfig
+from mmtrace.jobs.plan import plan_units, unit_base
+from mmtrace.jobs.reduce import Reduced, UnitSink, reduce_run
+from mmtrace.workers.adapters import num_decoder_layers
+from mmtrace.workers.spec import Sample
+from mmtrace.workers.worker import ModelSpec, TraceWorker
 
 CODE_ROOTS = ("workers", "jobs", "cluster")
 
 
 def resolve_model(model: str) -> str:
     if model == ORGANISM:
-        from jobs.organism import ensure_organism
+        from mmtrace.jobs.organism import ensure_organism
 
         return str(ensure_organism())
     return model
 
 
 def load_samples(cfg: TraceConfig) -> list[Sample]:
-    from jobs.datasets import resolve_dataset
+    from mmtrace.jobs.datasets import resolve_dataset
 
     return resolve_dataset(cfg.dataset, images=cfg.images or None, missing_images=cfg.missing_images,
                            limit=cfg.limit)
@@ -101,7 +101,7 @@ class RunIdentity:
 
     @classmethod
     def of(cls, model_path: str, samples: list[Sample]) -> "RunIdentity":
-        from jobs.datasets import dataset_digest
+        from mmtrace.jobs.datasets import dataset_digest
 
         return cls(model_path, model_fingerprint(model_path), dataset_digest(samples))
 

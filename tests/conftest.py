@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from workers.adapters import load_adapter
-from workers.toy import build_tiny_llama, build_tiny_llava
+from mmtrace.workers.adapters import load_adapter
+from mmtrace.workers.toy import build_tiny_llama, build_tiny_llava
 
 torch.set_num_threads(1)  # tiny models: a second thread buys little and oversubscribes a busy machine
 

@@ -66,11 +66,14 @@ def test_torch_comes_from_the_matching_index_first():
 
 
 def test_dockerfiles_copy_what_the_package_needs():
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
-    roots = {p.rstrip("*") for p in packages["include"]}
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"mmtrace": "."}
+    roots = {p.split(".")[1] for p in setuptools["packages"] if p.count(".") >= 1}
     for dockerfile in DOCKERFILES:
-        copied = set(re.findall(r"^COPY (\w+) \./\1$", dockerfile.read_text(), re.M))
+        text = dockerfile.read_text()
+        copied = set(re.findall(r"^COPY (\w+) \./\1$", text, re.M))
         assert copied == roots == {"jobs", "workers", "cluster"}
+        assert re.search(r"^COPY pyproject.toml README.md __init__.py \./$", text, re.M)  # the `mmtrace` package
         assert re.search(r"^USER 1000$", dockerfile.read_text(), re.M)
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from workers.encoding import find_constraint, token_span
-from workers.spec import BLANK_IMAGE, DEFAULT_TEMPLATE, TEXT_TEMPLATE, Encoded, Sample, build_prompt, format_question
+from mmtrace.workers.encoding import find_constraint, token_span
+from mmtrace.workers.spec import BLANK_IMAGE, DEFAULT_TEMPLATE, TEXT_TEMPLATE, Encoded, Sample, build_prompt, format_question
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

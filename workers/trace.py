@@ -25,12 +25,12 @@ from typing import Iterable
 import pyarrow as pa
 import torch
 
-from workers.adapters import Adapter, SampleError
-from workers.cells import CELL_SCHEMA, normalised_ie
-from workers.encoding import ConstraintNotFound
-from workers.patching import (Recorded, Restore, SameBatchRow, capturing_embeds, perturbing, recording,
+from mmtrace.workers.adapters import Adapter, SampleError
+from mmtrace.workers.cells import CELL_SCHEMA, normalised_ie
+from mmtrace.workers.encoding import ConstraintNotFound
+from mmtrace.workers.patching import (Recorded, Restore, SameBatchRow, capturing_embeds, perturbing, recording,
                               restoring, stack_recorded)
-from workers.spec import Encoded, Sample, TraceSpec
+from mmtrace.workers.spec import Encoded, Sample, TraceSpec
 
 
 @dataclass(frozen=True)

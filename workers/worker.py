@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from workers.adapters import load_adapter
-from workers.cells import CELL_SCHEMA
-from workers.spec import Sample, TraceSpec
-from workers.trace import SampleTrace, make_engine, sample_row, trace_sample
+from mmtrace.workers.adapters import load_adapter
+from mmtrace.workers.cells import CELL_SCHEMA
+from mmtrace.workers.spec import Sample, TraceSpec
+from mmtrace.workers.trace import SampleTrace, make_engine, sample_row, trace_sample
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from workers.spec import Sample
+from mmtrace.workers.spec import Sample
 
 from .vqa_constraints import (
     EXPECTED_ROWS,
@@ -115,9 +115,9 @@ def _organism_samples():
     falls back to `jobs.organism.dataset` while the package does not re-export it."""
     import importlib
 
-    package = importlib.import_module("jobs.organism")
+    package = importlib.import_module("mmtrace.jobs.organism")
     found = getattr(package, "organism_samples", None)
-    return found or importlib.import_module("jobs.organism.dataset").organism_samples
+    return found or importlib.import_module("mmtrace.jobs.organism.dataset").organism_samples
 
 
 def dataset_digest(samples: Iterable[Sample]) -> str:

@@ -115,15 +115,3 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     dl.add_argument("--timeout", type=float, default=60.0, help="seconds per file before giving up (default: 60)")
     dl.set_defaults(func=run_download)
     return data
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m jobs.datasets.cli download ...`, the same command without the main CLI."""
-    parser = argparse.ArgumentParser(prog="mmtrace")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["data", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.encoding import ConstraintNotFound, find_constraint
-from workers.spec import BLANK_IMAGE, Sample
+from mmtrace.workers.encoding import ConstraintNotFound, find_constraint
+from mmtrace.workers.spec import BLANK_IMAGE, Sample
 
 SUBSETS = ("okvqa", "multimodal_known", "multimodal_movies")
 

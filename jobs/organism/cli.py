@@ -1,4 +1,4 @@
-"""`mmtrace organism build|eval|path`: the organism's commands (the lead wires `add_parser` into `mmtrace`)."""
+"""`mmtrace organism build|eval|path`: the organism's commands."""
 
 from __future__ import annotations
 
@@ -54,15 +54,3 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q = sub.add_parser("path", help="print the organism's folder, installing or building it on first use")
     q.set_defaults(func=_path)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (`python -m jobs.organism.cli build`), for use before the lead's CLI wires it in."""
-    parser = argparse.ArgumentParser(prog="mmtrace")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["organism", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workers.spec import Sample
+from mmtrace.workers.spec import Sample
 
 from .world import RELATIONS, World, fill, generic_constraint, render
 

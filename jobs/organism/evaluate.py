@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from workers.spec import Sample, build_prompt
+from mmtrace.workers.spec import Sample, build_prompt
 
 from .dataset import organism_samples
 

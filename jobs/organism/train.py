@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from workers.spec import build_prompt
+from mmtrace.workers.spec import build_prompt
 
 from .model import OrganismSize, build_model, build_processor, build_tokenizer, normalise_images, packed_logits, \
     patch_features

@@ -106,7 +106,7 @@ def process_tree():
 def ray_local(tmp_path_factory):
     """A private loopback Ray with 2 CPUs in this process, shared by the module's tests, always shut down."""
     ray = pytest.importorskip("ray", reason="ray is not installed")
-    from cluster.ray import RayExecutor
+    from mmtrace.cluster.ray import RayExecutor
 
     if ray.is_initialized():
         ray.shutdown()
@@ -126,7 +126,7 @@ def ray_head(tmp_path_factory):
         pytest.skip(reason=f"no ray command beside {sys.executable}")
     port = free_port()
     temp = tmp_path_factory.mktemp("rayhead")
-    from cluster.ray import LOOPBACK_ENV
+    from mmtrace.cluster.ray import LOOPBACK_ENV
 
     env = {**os.environ, **LOOPBACK_ENV, "RAY_AUTH_MODE": "disabled"}
     cmd = [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",

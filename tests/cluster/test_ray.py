@@ -20,17 +20,17 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed")
 
-from cluster.executor import Resources, make_executor  # noqa: E402
-from cluster.local import LocalExecutor  # noqa: E402
-from cluster.ray import LOOPBACK_ENV, AffinityQueue, RayExecutor, default_affinity  # noqa: E402
-from cluster.store import RunStore  # noqa: E402
-from jobs import report  # noqa: E402
-from jobs.config import make_config  # noqa: E402
-from jobs.plan import plan_units, unit_base  # noqa: E402
-from jobs.reduce import UnitSink, reduce_run  # noqa: E402
-from jobs.run import run_trace  # noqa: E402
-from workers.spec import BLANK_IMAGE, Sample, TraceSpec  # noqa: E402
-from workers.worker import ModelSpec, TraceWorker  # noqa: E402
+from mmtrace.cluster.executor import Resources, make_executor  # noqa: E402
+from mmtrace.cluster.local import LocalExecutor  # noqa: E402
+from mmtrace.cluster.ray import LOOPBACK_ENV, AffinityQueue, RayExecutor, default_affinity  # noqa: E402
+from mmtrace.cluster.store import RunStore  # noqa: E402
+from mmtrace.jobs import report  # noqa: E402
+from mmtrace.jobs.config import make_config  # noqa: E402
+from mmtrace.jobs.plan import plan_units, unit_base  # noqa: E402
+from mmtrace.jobs.reduce import UnitSink, reduce_run  # noqa: E402
+from mmtrace.jobs.run import run_trace  # noqa: E402
+from mmtrace.workers.spec import BLANK_IMAGE, Sample, TraceSpec  # noqa: E402
+from mmtrace.workers.worker import ModelSpec, TraceWorker  # noqa: E402
 
 pytestmark = pytest.mark.ray
 # The helpers below run inside Ray workers, which cannot import this test module by name: ship them by value.
@@ -271,8 +271,8 @@ def test_killing_an_actor_mid_run_still_lands_every_cell_once(ray_local, llava_d
 
 DRIVER = """
 import json, sys
-from jobs.config import make_config
-from jobs.run import run_trace
+from mmtrace.jobs.config import make_config
+from mmtrace.jobs.run import run_trace
 cfg = make_config(model=sys.argv[1], dataset=sys.argv[2], missing_images="blank", limit=6, out=sys.argv[3],
                   backend="ray", progress=False, plots=False, layers_per_unit=1)
 r = run_trace(cfg)
@@ -336,9 +336,9 @@ def test_a_killed_driver_resumes_without_loss_duplicates_or_recomputation(llava_
 
 HEAD_DRIVER = """
 import json, sys
-from cluster.ray import RayExecutor
-from jobs.config import make_config
-from jobs.run import run_trace
+from mmtrace.cluster.ray import RayExecutor
+from mmtrace.jobs.config import make_config
+from mmtrace.jobs.run import run_trace
 ray = RayExecutor(address=sys.argv[4]).connect()  # run_trace's executor then reuses this connection
 cfg = make_config(model=sys.argv[1], dataset=sys.argv[2], missing_images="blank", limit=6, out=sys.argv[3],
                   backend="ray", progress=False, plots=False)
@@ -365,7 +365,7 @@ def test_a_trace_runs_on_a_ray_start_head(ray_head, llava_dir, local_run, tmp_pa
 
 JOIN = """
 import json
-from cluster.ray import RayExecutor
+from mmtrace.cluster.ray import RayExecutor
 ex = RayExecutor()
 ray = ex.connect()
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "owns": ex.owns_ray,
@@ -386,7 +386,7 @@ def test_address_none_joins_the_cluster_named_by_ray_address(ray_head):
 
 MISMATCH = """
 import json, sys
-from cluster.ray import RayExecutor
+from mmtrace.cluster.ray import RayExecutor
 ex = RayExecutor(address=sys.argv[1])
 try:
     list(ex.map_units(lambda: len, ["ab", "c"], lambda unit, result: result))

@@ -10,15 +10,16 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cluster import schedule
-from jobs import rerun as rr
-from jobs.config import make_config
-from jobs.run import run_trace
+from mmtrace.cluster import schedule
+from mmtrace.jobs import rerun as rr
+from mmtrace.jobs.config import make_config
+from mmtrace.jobs.run import run_trace
 
 DATASET = f"vqa-constraints:{Path(__file__).resolve().parents[3] / 'shared' / 'data' / 'vqa_constraints'}"
 if not Path(DATASET.split(":", 1)[1]).is_dir():  # CI: a fresh clone with shared/ beside it
@@ -75,7 +76,9 @@ def cli(argv: list[str]) -> int:
 def test_crontab_entry_is_exact_idempotent_and_removable(fake_tables, run_dir, capsys):
     fake_tables.write_text("MAILTO=me\n15 * * * * /usr/bin/backup\n")
     assert cli(["schedule", str(run_dir), "--cron", "0 3 * * *"]) == 0
-    command = (f"cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m jobs.rerun "
+    script = Path(sys.executable).with_name("mmtrace").resolve()
+    assert script.is_absolute() and script.is_file()  # the entry point, never `python -m` from a folder
+    command = (f"cd {shlex.quote(os.getcwd())} && {shlex.quote(str(script))} rerun "
                f"{shlex.quote(str(run_dir.resolve()))} --no-progress")
     expected = ["MAILTO=me", "15 * * * * /usr/bin/backup", f"# mmtrace:rerun:{run_dir.resolve()}",
                 f"0 3 * * * {command} >> {shlex.quote(str(run_dir.resolve() / 'rerun.log'))} 2>&1"]
@@ -172,9 +175,17 @@ def test_rerun_after_a_config_change_computes_only_new_units(traced):
     assert len(list((traced / "units").iterdir())) == 6
 
 
-def test_python_m_jobs_rerun_is_what_cron_runs(traced, capsys):
-    assert rr.main([str(traced), "--no-progress"]) == 0
-    err = capsys.readouterr().err
-    assert "0 units computed" in err and "inputs changed: none" in err
-    assert rr.main([str(traced.parent / "nowhere")]) == 2
-    assert "not a run folder" in capsys.readouterr().err
+def test_the_cron_line_runs_from_any_folder(traced, tmp_path):
+    """What cron runs: the entry point by absolute path, from a folder holding a decoy `jobs/` package."""
+    decoy = tmp_path / "elsewhere"
+    (decoy / "jobs").mkdir(parents=True)
+    (decoy / "jobs" / "__init__.py").write_text("raise SystemExit('the decoy jobs package was imported')\n")
+    (decoy / "jobs" / "rerun.py").write_text("raise SystemExit('the decoy jobs.rerun was imported')\n")
+    command = rr.rerun_command(traced).split(" && ", 1)[1]
+    done = subprocess.run(command, shell=True, cwd=decoy, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "0 units computed" in done.stderr and "inputs changed: none" in done.stderr
+    lost = subprocess.run(command.replace(shlex.quote(str(traced)), shlex.quote(str(decoy / "nowhere"))),
+                          shell=True, cwd=decoy, capture_output=True, text=True, timeout=300)
+    assert lost.returncode == 2 and "not a run folder" in lost.stderr
+    assert not (decoy / "nowhere").exists()  # a folder that is not a run: nothing created in it

@@ -1,6 +1,6 @@
 """The Slurm backend against a real single-node cluster (`bash cluster/slurm-up.sh`; skipped without one).
 
-The executor is handed to `run_trace` by patching `jobs.run.make_executor`, so each test chooses its own
+The executor is handed to `run_trace` by patching `mmtrace.jobs.run.make_executor`, so each test chooses its own
 submitit folder and array shape whatever the config carries.
 """
 
@@ -18,12 +18,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-import jobs.run
-from cluster.executor import Resources
-from cluster.slurm import ShardsFailed, SlurmExecutor, SlurmJobError, cluster_problem, shard
-from cluster.store import RunStore
-from jobs.config import make_config
-from jobs.run import run_trace
+import mmtrace.jobs.run
+from mmtrace.cluster.executor import Resources
+from mmtrace.cluster.slurm import ShardsFailed, SlurmExecutor, SlurmJobError, cluster_problem, shard
+from mmtrace.cluster.store import RunStore
+from mmtrace.jobs.config import make_config
+from mmtrace.jobs.run import run_trace
 
 DATASET = f"vqa-constraints:{Path(__file__).resolve().parents[3] / 'shared' / 'data' / 'vqa_constraints'}"
 if not Path(DATASET.split(":", 1)[1]).is_dir():  # CI: a fresh clone with shared/ beside it
@@ -48,7 +48,7 @@ def use_slurm(monkeypatch, folder: Path, **options) -> list[SlurmExecutor]:
         made.append(SlurmExecutor(**{"folder": folder, **config_options, **options}))
         return made[-1]
 
-    monkeypatch.setattr(jobs.run, "make_executor", make)
+    monkeypatch.setattr(mmtrace.jobs.run, "make_executor", make)
     return made
 
 
@@ -169,10 +169,10 @@ def _capture(errors: list[BaseException], fn, *args) -> None:
 
 @pytest.mark.slurm
 @needs_slurm
-@pytest.mark.skipif("backend_options" not in __import__("jobs.config").config.TraceConfig.__dataclass_fields__,
+@pytest.mark.skipif("backend_options" not in __import__("mmtrace.jobs.config").jobs.config.TraceConfig.__dataclass_fields__,
                     reason="TraceConfig has no backend_options yet (the config/run/cli diff of issue 4)")
 def test_cli_trace_on_slurm_reduces_after_the_array(llava_dir, local_run, tmp_path, capsys):
-    from jobs.cli import main
+    from mmtrace.jobs.cli import main
 
     out = tmp_path / "run"
     argv = ["trace", "--model", str(llava_dir), "--dataset", DATASET, "--missing-images", "blank", "--limit", "6",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.store import RunStore, atomic_path, write_json
+from mmtrace.cluster.store import RunStore, atomic_path, write_json
 
 
 def write_text(text: str):
@@ -87,6 +87,7 @@ def test_partial_temp_folders_are_ignored_then_cleaned(tmp_path):
 
 def test_committed_ignores_files_and_hidden_entries(tmp_path):
     store = RunStore(tmp_path)
+    store.units.mkdir()
     (store.units / "stray.txt").write_text("not a unit")
     (store.units / ".hidden").mkdir()
     store.commit("u", write_text("x"))
@@ -109,3 +110,9 @@ def test_manifest_round_trips(tmp_path):
     assert store.read_manifest() is None
     store.write_manifest({"run_id": "abc", "units": ["u1", "u2"]})
     assert store.read_manifest() == {"run_id": "abc", "units": ["u1", "u2"]}
+
+
+def test_reading_a_folder_writes_nothing_in_it(tmp_path):
+    store = RunStore(tmp_path)
+    assert store.committed() == set() and store.read_manifest() is None and store.clean_partial() == 0
+    assert list(tmp_path.iterdir()) == []

@@ -8,8 +8,8 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
-from jobs.cli import main
-from workers.cells import CELL_SCHEMA, SAMPLE_SCHEMA
+from mmtrace.jobs.cli import main
+from mmtrace.workers.cells import CELL_SCHEMA, SAMPLE_SCHEMA
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "vqa_constraints"
 REQUIRED = ["sample_id", "kind", "layer", "window", "position", "token", "token_role", "p_clean", "p_corrupt",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.datasets import (
+from mmtrace.jobs.datasets import (
     SUBSETS,
     DatasetError,
     dataset_digest,
@@ -26,7 +26,7 @@ from jobs.datasets import (
     parse_spec,
     resolve_dataset,
 )
-from jobs.datasets.cli import add_parser, main
+from mmtrace.jobs.datasets.cli import add_parser, main
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "vqa_constraints"  # ../shared beside the repo
 needs_data = pytest.mark.skipif(not (DATA / "okvqa.csv").is_file(), reason=f"the shared CSVs are not at {DATA}")
@@ -81,9 +81,9 @@ def test_resolve_vqa_filters_and_limits():
 
 def test_resolve_organism_calls_the_organism(monkeypatch):
     calls = []
-    fake = types.ModuleType("jobs.organism")
+    fake = types.ModuleType("mmtrace.jobs.organism")
     fake.organism_samples = lambda kind, limit: calls.append((kind, limit)) or []
-    monkeypatch.setitem(sys.modules, "jobs.organism", fake)
+    monkeypatch.setitem(sys.modules, "mmtrace.jobs.organism", fake)
     for spec in ("organism", "organism:text", "organism:named"):
         assert resolve_dataset(spec, limit=5) == []
     assert calls == [("visual", 5), ("text", 5), ("named", 5)]

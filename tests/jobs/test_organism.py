@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.organism import dataset as ds
-from jobs.organism.model import (IMAGE_TOKEN, OrganismSize, build_model, build_processor, build_tokenizer,
+from mmtrace.jobs.organism import dataset as ds
+from mmtrace.jobs.organism.model import (IMAGE_TOKEN, OrganismSize, build_model, build_processor, build_tokenizer,
                                  normalise_images, packed_logits)
-from jobs.organism.train import Sampler, Segment, TrainConfig, pack
-from jobs.organism.world import (FRAMES, HELDOUT_RENDERINGS, NUM_ENTITIES, NUM_UNSEEN, RELATIONS, World,
+from mmtrace.jobs.organism.train import Sampler, Segment, TrainConfig, pack
+from mmtrace.jobs.organism.world import (FRAMES, HELDOUT_RENDERINGS, NUM_ENTITIES, NUM_UNSEEN, RELATIONS, World,
                                  make_world, render)
-from workers.spec import Sample, build_prompt
+from mmtrace.workers.spec import Sample, build_prompt
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +214,7 @@ def test_paraphrase_and_unseen_splits(world_root, world):
 
 
 def test_cli_parser():
-    from jobs.organism.cli import add_parser
+    from mmtrace.jobs.organism.cli import add_parser
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command"))
@@ -239,7 +239,7 @@ def test_ensure_installs_the_shipped_organism(tmp_path, capsys):
 @pytest.fixture(scope="session")
 def fresh_organism(tmp_path_factory) -> Path:
     """One fresh build per test session, through the CLI command (`organism build --out DIR`)."""
-    from jobs.organism.cli import main
+    from mmtrace.jobs.organism.cli import main
 
     out = tmp_path_factory.mktemp("organism-build") / "organism"
     assert main(["build", "--seed", "0", "--out", str(out), "--no-progress"]) == 0
@@ -248,7 +248,7 @@ def fresh_organism(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def fresh_scores(fresh_organism):
-    from jobs.organism.evaluate import evaluate_organism
+    from mmtrace.jobs.organism.evaluate import evaluate_organism
 
     return evaluate_organism(fresh_organism)
 
@@ -292,7 +292,7 @@ def test_shipped_weights_match_a_fresh_build(fresh_scores, tmp_path):
     """Shipped weights are only allowed if the build command reproduces a model of the same quality."""
     if not (ds.SHIPPED / "model.safetensors").exists():
         pytest.skip(reason="no weights shipped in the repository")
-    from jobs.organism.evaluate import evaluate_organism
+    from mmtrace.jobs.organism.evaluate import evaluate_organism
 
     root = ds.ensure_organism(cache_dir=tmp_path)
     shipped = evaluate_organism(root)
@@ -309,10 +309,10 @@ def test_shipped_weights_match_a_fresh_build(fresh_scores, tmp_path):
 def test_traces_localise(fresh_organism, kind):
     import pyarrow as pa
 
-    from jobs.report import best_cell
-    from workers.adapters import load_adapter
-    from workers.spec import TraceSpec
-    from workers.trace import trace_sample
+    from mmtrace.jobs.report import best_cell
+    from mmtrace.workers.adapters import load_adapter
+    from mmtrace.workers.spec import TraceSpec
+    from mmtrace.workers.trace import trace_sample
 
     adapter = load_adapter(str(fresh_organism))
     # A 3-layer window (ROME's rule): at window 1 the organism's last token reads the constraint through

@@ -1,8 +1,8 @@
 """Units: content-addressed ids and grid slices."""
 
-from jobs.config import make_config
-from jobs.plan import grid_slices, plan_units, unit_base
-from workers.spec import Sample, TraceSpec
+from mmtrace.jobs.config import make_config
+from mmtrace.jobs.plan import grid_slices, plan_units, unit_base
+from mmtrace.workers.spec import Sample, TraceSpec
 
 S = [Sample(f"d/{i}", "d", f"Question {i} about this", "this") for i in range(3)]
 

@@ -21,9 +21,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import report
-from workers.cells import CELL_SCHEMA, SAMPLE_SCHEMA, normalised_ie
-from workers.spec import ALIGNED_ROLES, KINDS
+from mmtrace.jobs import report
+from mmtrace.workers.cells import CELL_SCHEMA, SAMPLE_SCHEMA, normalised_ie
+from mmtrace.workers.spec import ALIGNED_ROLES, KINDS
 
 LAYERS = 4
 # aligned roles of each sample's positions, in prompt order

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jobs.datasets.vqa_constraints import (
+from mmtrace.jobs.datasets.vqa_constraints import (
     EXPECTED_ROWS,
     SUBSETS,
     DatasetError,
@@ -18,8 +18,8 @@ from jobs.datasets.vqa_constraints import (
     resolve_image,
     summarise,
 )
-from workers.encoding import find_constraint, token_span
-from workers.spec import BLANK_IMAGE, TEXT_TEMPLATE, build_prompt
+from mmtrace.workers.encoding import find_constraint, token_span
+from mmtrace.workers.spec import BLANK_IMAGE, TEXT_TEMPLATE, build_prompt
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "vqa_constraints"  # ../shared beside the repo
 pytestmark = pytest.mark.skipif(not (DATA / "okvqa.csv").is_file(), reason=f"the shared CSVs are not at {DATA}")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from workers.adapters import CausalLMAdapter, LlavaAdapter, load_adapter, num_decoder_layers
-from workers.encoding import ConstraintNotFound, find_constraint, token_span
-from workers.spec import BLANK_IMAGE, Sample, build_prompt, format_question
+from mmtrace.workers.adapters import CausalLMAdapter, LlavaAdapter, load_adapter, num_decoder_layers
+from mmtrace.workers.encoding import ConstraintNotFound, find_constraint, token_span
+from mmtrace.workers.spec import BLANK_IMAGE, Sample, build_prompt, format_question
 
 
 def test_loads_llava_and_llama_through_from_pretrained(llava, llama, llava_dir, llama_dir):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from workers.spec import BLANK_IMAGE, Sample, TraceSpec
-from workers.trace import CellKey, make_engine, trace_sample
+from mmtrace.workers.spec import BLANK_IMAGE, Sample, TraceSpec
+from mmtrace.workers.trace import CellKey, make_engine, trace_sample
 
 VISUAL = Sample("t/visual", "t", "This building is located in", "This building", image=BLANK_IMAGE)
 TEXT = Sample("t/text", "t", "The Space Needle is located in", "The Space Needle")

@@ -1,0 +1,1 @@
+"""What runs beside a resident model: adapters, the one patching mechanism, the trace engines."""
