@@ -28,6 +28,16 @@ class Resources:
     timeout_min: int = 60
 
 
+@dataclass(frozen=True)
+class UnitFailure:
+    """What `map_units` yields, in place of a sink receipt, for a unit whose worker raised or whose process
+    died for a reason that is not the sample's (out of memory, a CUDA error, a killed process, an import
+    error). Such a unit is never committed: it stays pending, and `--resume` / `mmtrace rerun` retry it."""
+
+    unit_id: str
+    error: str
+
+
 class Job(ABC):
     """A submitted function's handle."""
 
@@ -49,7 +59,8 @@ class Executor(ABC):
 
     @abstractmethod
     def map_units(self, factory: WorkerFactory, units: Iterable[Any], sink: Sink) -> Iterator[tuple[Any, Any]]:
-        """Yield (unit, sink(unit, worker(unit))) for every unit; each unit is computed at least once."""
+        """Yield (unit, sink(unit, worker(unit))) for every unit, or (unit, UnitFailure) for a unit that could
+        not be computed; each unit is yielded exactly once, and a failed unit never stops the others."""
 
     @abstractmethod
     def submit(self, fn: Callable[..., Any], *args: Any, resources: Resources = Resources(), **kwargs: Any) -> Job:
