@@ -3,12 +3,15 @@
 `map_units` runs a worker over work units: the worker is built by `factory()` once per process (so a model
 is loaded once and stays resident) and called on each unit; each result goes to `sink(unit, result)` where
 the backend lands it (in-process, a reducer actor, an array task beside a shared folder) and the sink's small
-return value comes back to the driver, in completion order. `submit` runs one function as a job (a reduce,
-an edit) with the resources it asks for. The driver never needs the results themselves.
+return value comes back to the driver, in completion order. A unit whose worker or sink raised, or whose
+process died, comes back as a `UnitFailure` instead and is never committed, so a rerun retries it. `submit`
+runs one function as a job (a reduce, an edit) with the resources it asks for. The driver never needs the
+results themselves.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from typing import Any
 
 WorkerFactory = Callable[[], Callable[[Any], Any]]
 Sink = Callable[[Any, Any], Any]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,32 @@ class UnitFailure:
 
     unit_id: str
     error: str
+
+    @classmethod
+    def of(cls, unit: Any, error: BaseException | str) -> UnitFailure:
+        return cls(unit_id_of(unit), error if isinstance(error, str) else describe(error))
+
+
+def unit_id_of(unit: Any) -> str:
+    """A unit's id (a TraceUnit's `unit_id`), or its text for the plain units tests use."""
+    return getattr(unit, "unit_id", None) or str(unit)
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def attempt(worker: Callable[[Any], Any], sink: Sink, unit: Any) -> Any:
+    """`sink(unit, worker(unit))`, or a UnitFailure when either raises, so one unit never stops the others.
+
+    Only Exceptions are caught: a KeyboardInterrupt or SystemExit still stops the run. The traceback goes to
+    the log (a Slurm task's stderr file), since the failure itself keeps only the type and message.
+    """
+    try:
+        return sink(unit, worker(unit))
+    except Exception as exc:  # noqa: BLE001 - reported as the unit's failure, the run goes on
+        log.warning("unit %s failed", unit_id_of(unit), exc_info=True)
+        return UnitFailure.of(unit, exc)
 
 
 class Job(ABC):

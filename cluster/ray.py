@@ -14,12 +14,15 @@ Why it is shaped this way:
   reloads) and a unit whose actor died is put back at the front of the queue for the next free actor. Ray's
   own retries of unit tasks are off, so a unit is recomputed only when its first delivery was lost; the
   store ignores a duplicate commit and the reducer calls the sink once per unit, so every cell lands once.
+- A unit that cannot be computed is reported, never raised: its worker or the sink raised, it lost
+  `MAX_UNIT_ATTEMPTS` actors, or no actor (or no reducer) is left. It comes back as a `UnitFailure`, is never
+  committed, and the other units go on.
 - Loopback: when the executor starts Ray itself, or joins one at 127.0.0.1 / localhost, it turns on
   `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, the one switch seen to keep every Ray listener and the node
   address on 127.0.0.1, and turns usage stats off; a cluster elsewhere keeps Ray's own networking.
 - Auth (2.60): a local Ray started here uses token auth (token in ~/.ray/auth_token). To join a head
   started with `RAY_AUTH_MODE=disabled`, the client needs `RAY_AUTH_MODE=disabled` too: with `token` it
-  still runs tasks, but its actors die at creation (the run then fails with "every Ray actor died").
+  still runs tasks, but its actors die at creation (every unit then fails with "every Ray actor died").
 - `submit` tasks ask for no CPUs (Ray `num_cpus=0`, torch threads pinned to `Resources.cpus` instead): a
   task asking for a CPU while the trace actors hold them all stays PENDING forever on a small node.
 
@@ -37,14 +40,15 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Any
 
-from mmtrace.cluster.executor import Executor, Job, Resources, Sink, WorkerFactory
+from mmtrace.cluster.executor import Executor, Job, Resources, Sink, UnitFailure, WorkerFactory, describe
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # A unit that has lost this many actors is taken to be what kills them (out of memory, a crash in native
-# code): the run stops with an error instead of killing the rest of the pool.
+# code): it is reported as failed instead of killing the rest of the pool.
 MAX_UNIT_ATTEMPTS = 3
+AUTH_HINT = "a client with RAY_AUTH_MODE=token on a cluster started with auth disabled sees exactly this"
 
 
 # --------------------------------------------------------------------------------------------- Ray access
@@ -94,6 +98,13 @@ def is_actor_death(ray, exc: BaseException) -> bool:
     """Errors that mean the process holding a unit went away (retry it), not that the unit failed."""
     lost = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.WorkerCrashedError)
     return isinstance(exc, lost)
+
+
+def task_error(ray, exc: BaseException) -> str:
+    """"Type: message" of what a unit's task raised (Ray wraps it in a RayTaskError with the remote traceback)."""
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    return describe(exc)
 
 
 # ------------------------------------------------------------------------------------- remote processes
@@ -200,9 +211,21 @@ class AffinityQueue:
         key = self.key_of[index]
         self.groups.setdefault(key, deque()).appendleft(index)
         self.groups.move_to_end(key, last=False)
-        if self.owner.get(key) == slot:
+        self.release(slot)
+
+    def release(self, slot: int) -> None:
+        """An actor that died: the group it worked on is free for any actor."""
+        key = self.current.pop(slot, None)
+        if key is not None and self.owner.get(key) == slot:
             del self.owner[key]
-        self.current.pop(slot, None)
+
+    def drain(self) -> list[int]:
+        """Every unit left, in plan order; the queue is empty afterwards."""
+        left = sorted(index for queue in self.groups.values() for index in queue)
+        self.groups.clear()
+        self.owner.clear()
+        self.current.clear()
+        return left
 
     def _claim(self, slot: int, key: Hashable) -> None:
         previous = self.current.get(slot)
@@ -231,6 +254,9 @@ class Dispatcher:
     dead actor's slot is parked on a probe (a `pid()` call Ray retries until the actor is back, since
     calls to a restarting actor fail at once) and rejoins the pool when the probe answers; a probe that
     fails means the actor is out of restarts, and its slot is dropped.
+
+    Each unit is delivered once, as its receipt or as a UnitFailure (see the module docstring); deliveries
+    wait in `outcomes` until `run` yields them.
     """
 
     def __init__(self, ray, actors: list, reducer, units: list, affinity: Callable[[Any], Hashable], stats: dict):
@@ -242,12 +268,18 @@ class Dispatcher:
         self.committing: dict[Any, tuple[int, Any]] = {}  # receipt ref -> (unit index, result ref)
         self.probing: dict[Any, int] = {}  # pid ref of a restarting actor -> its slot
         self.delivered: set[int] = set()
-        self.last_error: BaseException | None = None  # the latest actor death, the cause of a final failure
+        self.outcomes: deque[tuple[Any, Any]] = deque()
+        self.last_error: BaseException | None = None  # the latest actor death, named when no actor is left
+        self.reducer_error: str | None = None  # set once the reducer is gone for good: nothing can commit
         self.stats = stats
 
     def run(self) -> Iterator[tuple[Any, Any]]:
         self._fill()
-        while self.computing or self.committing or (self.probing and len(self.queue)):
+        while True:
+            while self.outcomes:
+                yield self.outcomes.popleft()
+            if not (self.computing or self.committing or (self.probing and len(self.queue))):
+                break
             pending = [*self.computing, *self.committing, *self.probing]
             [ref], _ = self.ray.wait(pending, num_returns=1, fetch_local=False)
             if ref in self.computing:
@@ -255,48 +287,68 @@ class Dispatcher:
             elif ref in self.probing:
                 self._probed(ref)
             else:
-                delivered = self._committed(ref)
-                if delivered is not None:
-                    yield delivered
+                self._committed(ref)
             self._fill()
         if len(self.delivered) != len(self.units):  # a loop that ends early must never look like success
-            raise RuntimeError(f"only {len(self.delivered)} of {len(self.units)} units were delivered") \
-                from self.last_error
+            raise RuntimeError(f"only {len(self.delivered)} of {len(self.units)} units were delivered")
+
+    def _deliver(self, index: int, outcome: Any) -> None:
+        if index not in self.delivered:
+            self.delivered.add(index)
+            self.outcomes.append((self.units[index], outcome))
+
+    def _fail(self, index: int, error: str) -> None:
+        if index not in self.delivered:
+            self.stats["failed"] += 1
+            self._deliver(index, UnitFailure.of(self.units[index], error))
 
     def _fill(self) -> None:
-        """Give every free actor its next unit; fail loudly if units remain and no actor is left."""
+        """Give every free actor its next unit; fail the units left when no actor or no reducer remains."""
+        if self.reducer_error:
+            for index in self.queue.drain():
+                self._fail(index, self.reducer_error)
         while self.free and len(self.queue):
             slot = self.free.pop(0)
-            index = self.queue.take(slot)
+            taken = self.queue.take(slot)
+            assert taken is not None  # the queue is not empty
+            index = taken
             self.attempts[index] += 1
             status, result = self.actors[slot].run.options(num_returns=2).remote(self.units[index])
             self.computing[status] = (slot, index, result)
             self.stats["dispatched"] += 1
         if len(self.queue) and not (self.computing or self.free or self.probing):
-            raise RuntimeError(f"every Ray actor died more than its restarts allow; {len(self.queue)} units left "
-                               f"(a client with RAY_AUTH_MODE=token on a cluster started with auth disabled "
-                               f"sees exactly this)") from self.last_error
+            last = describe(self.last_error) if self.last_error else "none recorded"
+            error = f"every Ray actor died more than its restarts allow ({AUTH_HINT}); last: {last}"
+            for index in self.queue.drain():
+                self._fail(index, error)
 
     def _computed(self, ref) -> None:
         slot, index, result = self.computing.pop(ref)
         try:
             status = self.ray.get(ref)
-        except Exception as exc:  # noqa: BLE001 - only an actor's death is retried; anything else is raised
-            if not is_actor_death(self.ray, exc):
-                raise
-            self._lost(index, slot, exc)
+        except Exception as exc:  # noqa: BLE001 - an actor's death is retried, the worker's own error reported
+            if is_actor_death(self.ray, exc):
+                self._lost(index, slot, exc)
+            else:
+                self.free.append(slot)
+                self._fail(index, task_error(self.ray, exc))
             return
         self.stats["pids"].add(status["pid"])
         self.free.append(slot)
+        if self.reducer_error:
+            self._fail(index, self.reducer_error)
+            return
         receipt = self.reducer.commit.remote(index, self.units[index], result)
         self.committing[receipt] = (index, result)
 
     def _lost(self, index: int, slot: int, exc: BaseException) -> None:
         self.last_error = exc
-        self.stats["retried"] += 1
         if self.attempts[index] >= MAX_UNIT_ATTEMPTS:
-            raise RuntimeError(f"unit {index} lost its actor {self.attempts[index]} times; last: {exc}") from exc
-        self.queue.put_back(index, slot)
+            self.queue.release(slot)
+            self._fail(index, f"lost its Ray actor {self.attempts[index]} times; last: {describe(exc)}")
+        else:
+            self.stats["retried"] += 1
+            self.queue.put_back(index, slot)
         self._probe(slot)
 
     def _probe(self, slot: int) -> None:
@@ -316,19 +368,21 @@ class Dispatcher:
         self.stats["rejoined"] += 1
         self.free.append(slot)
 
-    def _committed(self, ref) -> tuple[Any, Any] | None:
+    def _committed(self, ref) -> None:
         index, result = self.committing.pop(ref)
         try:
             receipt = self.ray.get(ref)
         except self.ray.exceptions.ObjectLostError:  # the result itself is gone: compute the unit again
             self.queue.put_back(index, -1)
-            return None
+            return
         except self.ray.exceptions.RayActorError as exc:  # Ray retries commits across restarts: out of them
-            raise RuntimeError("the reducer actor died more often than its restarts allow") from exc
-        if index in self.delivered:
-            return None
-        self.delivered.add(index)
-        return self.units[index], receipt
+            self.reducer_error = f"the reducer actor died more often than its restarts allow: {describe(exc)}"
+            self._fail(index, self.reducer_error)
+            return
+        except Exception as exc:  # noqa: BLE001 - the sink raised: this unit is not committed
+            self._fail(index, task_error(self.ray, exc))
+            return
+        self._deliver(index, receipt)
 
 
 # ------------------------------------------------------------------------------------------- executor
@@ -348,11 +402,11 @@ class RayExecutor(Executor):
     """Units on a pool of resident Ray actors; jobs as Ray tasks. See the module docstring for why.
 
     During `map_units` the live actor handles are in `self.actors` (tests kill one there). `self.stats`
-    describes the last `map_units`: units dispatched; units retried because their actor died; restarted
-    actors that rejoined the pool; actors lost for good; `pids`, the processes that computed units (a
-    restarted actor adds one); and `pool_s`, the seconds until the pool was started (with `wait_ready=True`,
-    until every actor had built its worker, so a benchmark times the units alone and a model that fails to
-    load fails before any unit is sent).
+    describes the last `map_units`: units dispatched; units retried because their actor died; units `failed`
+    (yielded as UnitFailure); restarted actors that rejoined the pool; actors lost for good; `pids`, the
+    processes that computed units (a restarted actor adds one); and `pool_s`, the seconds until the pool was
+    started (with `wait_ready=True`, until every actor had built its worker, so a benchmark times the units
+    alone and a model that fails to load fails before any unit is sent).
     """
 
     name = "ray"
@@ -403,7 +457,7 @@ class RayExecutor(Executor):
             ray.shutdown()
             self.owns_ray = False
 
-    def __enter__(self) -> "RayExecutor":
+    def __enter__(self) -> RayExecutor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -450,7 +504,7 @@ class RayExecutor(Executor):
         if not units:
             return
         ray = self.connect()
-        self.stats = {"dispatched": 0, "retried": 0, "rejoined": 0, "dead_actors": 0, "pids": set()}
+        self.stats = {"dispatched": 0, "retried": 0, "failed": 0, "rejoined": 0, "dead_actors": 0, "pids": set()}
         started = time.perf_counter()
         try:
             self.start_pool(ray, factory, sink, min(self.num_actors, len(units)))

@@ -221,7 +221,7 @@ main() {
   mkdir -p "$STATE"
   start_munge
   start_mariadb
-  local before; before=$(cat "$CONF_DIR/slurm.conf" "$CONF_DIR/slurmdbd.conf" 2>/dev/null | md5sum)
+  local before; before=$({ cat "$CONF_DIR/slurm.conf" "$CONF_DIR/slurmdbd.conf" 2>/dev/null || true; } | md5sum)
   write_configs
   if [ "$before" != "$(cat "$CONF_DIR/slurm.conf" "$CONF_DIR/slurmdbd.conf" | md5sum)" ] \
       && alive "$STATE/slurmctld.pid"; then

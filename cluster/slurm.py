@@ -2,8 +2,9 @@
 
 Each array task gets a contiguous shard of units, builds the worker once (the model loads once per task), and
 calls `sink(unit, result)` itself, so results land in the run store on the shared file system straight from
-the node; only small receipts travel back through submitit's pickles. A task that dies (scancel, OOM, node
-failure) loses at most its uncommitted units: a rerun skips everything committed, by unit id.
+the node; only small receipts travel back through submitit's pickles. A unit whose worker raises comes back as
+a `UnitFailure` and the task goes on with its next unit. A task that dies (scancel, OOM, node failure) loses at
+most its uncommitted units, each reported as a UnitFailure: a rerun skips everything committed, by unit id.
 
 Why the driver watches states itself: submitit's `result()` on a job killed before it wrote a result either
 hangs (no accounting) or waits 15 s more; here a job that ended in CANCELLED / FAILED / TIMEOUT ... without a
@@ -26,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmtrace.cluster.executor import Executor, Job, Resources, Sink, WorkerFactory
+from mmtrace.cluster.executor import Executor, Job, Resources, Sink, UnitFailure, WorkerFactory, attempt
 
 # Slurm states in which a job may still produce its result (submitit's list, plus the ones it cannot know).
 UNFINISHED = {"READY", "PENDING", "RUNNING", "UNKNOWN", "REQUEUED", "COMPLETING", "PREEMPTED", "CONFIGURING",
@@ -47,17 +48,6 @@ class SlurmJobError(RuntimeError):
         super().__init__(f"Slurm job {job_id}: {reason}")
         self.job_id = job_id
         self.reason = reason
-
-
-class ShardsFailed(RuntimeError):
-    """Some array tasks of a `map_units` ended without their receipts. Units they committed before dying stay
-    committed; rerunning the same run recomputes only the rest."""
-
-    def __init__(self, failures: list[tuple[str, list[str], str]]):
-        self.failures = failures
-        lines = [f"  - task {task} ({len(units)} units, first {units[0]}): {reason}" for task, units, reason in failures]
-        super().__init__(f"{len(failures)} Slurm array task(s) failed; rerun to redo only their missing units:\n"
-                         + "\n".join(lines))
 
 
 def cluster_problem(timeout_s: float = 15) -> str | None:
@@ -104,12 +94,16 @@ def set_torch_threads(threads: int) -> None:
 
 
 def run_shard(factory: WorkerFactory, units: Sequence[Any], sink: Sink) -> list[Any]:
-    """Body of one array task: one worker for the whole shard, each unit committed by `sink` as it finishes."""
+    """Body of one array task: one worker for the whole shard, each unit committed by `sink` as it finishes.
+
+    A unit that raises takes a UnitFailure's place in the receipts and the shard goes on. A factory that
+    raises fails the task, and the driver reports each of its units.
+    """
     threads = task_threads()
     if threads:
         set_torch_threads(threads)
     worker = factory()
-    return [sink(unit, worker(unit)) for unit in units]
+    return [attempt(worker, sink, unit) for unit in units]
 
 
 def shard(units: Sequence[Any], tasks: int) -> list[list[Any]]:
@@ -298,10 +292,11 @@ class SlurmExecutor(Executor):
     # -- the interface -----------------------------------------------------------------------------------------
 
     def map_units(self, factory: WorkerFactory, units: Iterable[Any], sink: Sink) -> Iterator[tuple[Any, Any]]:
-        """Submit one array of shards; yield each shard's (unit, receipt) pairs as its task finishes.
+        """Submit one array of shards; yield each shard's (unit, receipt or UnitFailure) pairs as its task ends.
 
-        Raises ShardsFailed after the others finish if any task ended without receipts. If the caller stops
-        early (an exception, Ctrl-C), the tasks still queued or running are cancelled.
+        A task that ended without receipts (cancelled, killed, timed out, its worker not built) yields a
+        UnitFailure for each of its units. If the caller stops early (an exception, Ctrl-C), the tasks still
+        queued or running are cancelled.
         """
         units = list(units)
         if not units:
@@ -323,7 +318,7 @@ class SlurmExecutor(Executor):
 
     def _collect(self, pending: dict[str, tuple[Any, list[Any]]]) -> Iterator[tuple[Any, Any]]:
         """Poll until every task is over; entries leave `pending` as they finish."""
-        watch, failures, last = _Watch(), [], 0.0
+        watch, last = _Watch(), 0.0
         while pending:
             if time.monotonic() - last >= self.refresh_s:  # one sacct call covers the whole array
                 next(iter(pending.values()))[0].get_info(mode="force")
@@ -335,13 +330,11 @@ class SlurmExecutor(Executor):
                 del pending[job_id]
                 status, value = done
                 if status == "ok":
-                    yield from zip(units, value)
+                    yield from zip(units, value, strict=True)
                 else:
-                    failures.append((job_id, [getattr(u, "unit_id", str(u)) for u in units], value))
+                    yield from ((u, UnitFailure.of(u, f"Slurm array task {job_id}: {value}")) for u in units)
             if pending:
                 time.sleep(self.poll_s)
-        if failures:
-            raise ShardsFailed(sorted(failures))
 
     def submit(self, fn: Callable[..., Any], *args: Any, resources: Resources = Resources(),
                after: Iterable[str] = (), **kwargs: Any) -> SlurmJob:

@@ -4,17 +4,30 @@ A unit is committed by writing its files into a hidden temporary folder and rena
 unit's id, so a crash leaves either nothing or the whole unit. `committed()` is what a rerun or `--resume`
 skips; committing an id twice keeps the first copy, so an at-least-once delivery never duplicates a result.
 The store knows nothing of what the files hold.
+
+Temporary folders are named after their writer, `.<unit>.tmp-<host>-<pid>-<rand>`, because a new driver
+shares the folder with writers that may still be running (a Slurm task of an earlier driver, a Ray actor
+finishing its unit): `clean_partial()` removes only folders whose writer is provably gone. The host part
+includes the pid namespace, so two containers on one node that reuse pids never judge each other's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+STALE_AFTER_S = 24 * 3600  # a temporary folder this old is abandoned whoever wrote it
+TMP_MARK = ".tmp-"
+_WRITER_END = re.compile(r"-(\d+)-[0-9a-f]{8}$")  # "-<pid>-<rand>" at the end of a writer-tagged name
 
 
 def fsync_dir(folder: Path) -> None:
@@ -53,6 +66,50 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fsync_dir(path.parent)
 
 
+@functools.cache
+def host_tag() -> str:
+    """This machine and pid namespace as a file-name-safe word: where a pid means this process table."""
+    host = re.sub(r"[^A-Za-z0-9._]", "_", socket.gethostname()) or "localhost"
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return host
+    return f"{host}_ns{namespace}"
+
+
+def writer_name(prefix: str) -> str:
+    """`<prefix><host>-<pid>-<rand>`: a fresh name that says who is writing it, for `writer_gone`."""
+    return f"{prefix}{host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` names a process on this host; only a definite "no such process" counts as dead."""
+    if pid <= 0:
+        return True  # signal 0 to pid 0 or below addresses process groups: no verdict, so assume alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists but is not ours (EPERM) or the check is not allowed: not provably gone
+    return True
+
+
+def writer_gone(path: Path, prefix: str, max_age_s: float = STALE_AFTER_S) -> bool:
+    """Whether the writer of `path` (named by `writer_name(prefix)`) is provably gone.
+
+    Gone means: written on this host by a pid that no longer exists, or (any host, any name) untouched
+    for `max_age_s`. A pid on another host cannot be checked from here, hence the age rule.
+    """
+    end = _WRITER_END.search(path.name)
+    if end and path.name[:end.start()].endswith(prefix + host_tag()) and not pid_alive(int(end.group(1))):
+        return True
+    try:
+        return time.time() - path.lstat().st_mtime > max_age_s
+    except FileNotFoundError:
+        return False
+
+
 def write_json(path: Path, obj) -> Path:
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
@@ -80,7 +137,7 @@ class RunStore:
         if final.exists():
             return False
         self.units.mkdir(parents=True, exist_ok=True)
-        tmp = self.units / f".{unit_id}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = self.units / writer_name(f".{unit_id}{TMP_MARK}")
         tmp.mkdir()
         try:
             write(tmp)
@@ -100,11 +157,16 @@ class RunStore:
         fsync_dir(self.units)
         return True
 
-    def clean_partial(self) -> int:
-        """Remove temporary folders left by a crash mid-commit; they were never published."""
+    def clean_partial(self, max_age_s: float = STALE_AFTER_S) -> int:
+        """Remove temporary folders left by a crash mid-commit; returns how many.
+
+        Only those whose writer is provably gone (see `writer_gone`): a folder another live driver's task
+        is still filling looks exactly like a crashed one, and removing it would fail that commit.
+        """
         if not self.units.is_dir():
             return 0
-        stale = [p for p in self.units.iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
+        stale = [p for p in self.units.iterdir() if p.name.startswith(".") and TMP_MARK in p.name
+                 and writer_gone(p, TMP_MARK, max_age_s)]
         for p in stale:
             shutil.rmtree(p, ignore_errors=True)
         return len(stale)

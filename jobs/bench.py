@@ -35,7 +35,7 @@ def bench_trace(layers: int = 4, question: str = "This mountain is located in th
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         adapter = load_adapter(str(build_tiny_llava(tmp, layers=layers)))
-    sample = Sample("bench/0", "bench", question, constraint, image=BLANK_IMAGE)
+    sample = Sample(sample_id="bench/0", subset="bench", question=question, constraint=constraint, image=BLANK_IMAGE)
     spec = TraceSpec()
     fast, ref = make_engine("fast", adapter, spec), make_engine("reference", adapter, spec)
     t0 = time.perf_counter()

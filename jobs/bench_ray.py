@@ -17,7 +17,8 @@ import numpy as np
 
 from mmtrace.cluster.ray import RayExecutor
 from mmtrace.jobs import report
-from mmtrace.jobs.plan import plan_units, unit_base
+from mmtrace.jobs.identity import unit_base
+from mmtrace.jobs.plan import plan_units
 from mmtrace.jobs.reduce import UnitSink, reduce_run
 from mmtrace.workers.spec import BLANK_IMAGE, Sample, TraceSpec
 from mmtrace.workers.toy import build_tiny_llava
@@ -37,7 +38,8 @@ QUESTIONS = (
 
 def bench_samples(n: int) -> list[Sample]:
     """`n` visual questions on the blank image, cycling through distinct questions and constraints."""
-    return [Sample(f"bench/{i}", "bench", *QUESTIONS[i % len(QUESTIONS)], image=BLANK_IMAGE) for i in range(n)]
+    return [Sample(sample_id=f"bench/{i}", subset="bench", question=QUESTIONS[i % len(QUESTIONS)][0],
+                   constraint=QUESTIONS[i % len(QUESTIONS)][1], image=BLANK_IMAGE) for i in range(n)]
 
 
 def _timed_run(actors: int, threads: int, factory, units, out: Path) -> dict:

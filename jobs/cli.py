@@ -7,68 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from mmtrace.jobs.config import TraceConfig, load_yaml, make_config
+from mmtrace.jobs.config import add_config_arguments, config_from_args, keys
 
 
 def _trace_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of TraceConfig fields (flags override it)")
-    p.add_argument("--model", help="HF checkpoint folder or hub id (default: the embedded organism)")
-    p.add_argument("--dataset", help="vqa-constraints:DIR[:subset,...] | organism | organism:text | organism:named")
-    p.add_argument("--out", help="run folder (default: runs/trace)")
-    p.add_argument("--kinds", help="comma-separated sites to restore: mlp,attn,hidden (default: all three)")
-    p.add_argument("--window", type=int, help="window: 1 = one layer; w > 1 = layers i-w..i+w (authors' rule)")
-    p.add_argument("--window-style", choices=["radius", "width"], help="'width': w consecutive layers (ROME's rule)")
-    p.add_argument("--corruption", choices=["replace", "noise"])
-    p.add_argument("--replacement", help="word whose first token replaces every constraint token (default Paris)")
-    p.add_argument("--noise-scale", type=float, help="noise std in units of the embedding std (default 3)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--engine", choices=["fast", "reference"])
-    p.add_argument("--limit", type=int, help="trace only the first N samples")
-    p.add_argument("--images", help="image folders per subset: okvqa=/data/coco,multimodal_known=/data/known")
-    p.add_argument("--missing-images", choices=["error", "blank"],
-                   help="'blank': trace rows without an image on a uniform placeholder (marked in samples.parquet)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--revision", help="hub revision of --model")
-    p.add_argument("--trust-remote-code", action="store_true", default=None)
-    p.add_argument("--max-batch", type=int, help="rows per batched forward in the fast engine")
-    p.add_argument("--samples-per-unit", type=int, help="samples per committed work unit")
-    p.add_argument("--layers-per-unit", type=int, help="layers per unit (default: a kind's whole depth)")
-    p.add_argument("--backend", help="where the work runs: local (default), ray, slurm")
-    p.add_argument("--backend-option", dest="backend_options", action="append", metavar="KEY=VALUE",
-                   help="an option of the backend's executor, repeatable: slurm: partition, cpus_per_task, "
-                        "gpus_per_task, mem_gb, time_min, array_parallelism, max_tasks, units_per_task, folder")
+    p.add_argument("--config", help="YAML file of config keys (flags override it)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run recorded in --out/manifest.json (its config; flags given here override)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    p.add_argument("--no-plots", dest="plots", action="store_false", default=None)
-
-
-def parse_options(pairs: list[str]) -> dict:
-    """KEY=VALUE pairs into a dict; values read as YAML scalars, so 4 is an int, 2.5 a float, true a bool."""
-    import yaml
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--backend-option wants KEY=VALUE, got {pair!r}")
-        options[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else None
-    return options
-
-
-def config_from_args(args: argparse.Namespace) -> TraceConfig:
-    from mmtrace.jobs.datasets import parse_image_dirs
-
-    flags = {f: getattr(args, f, None) for f in TraceConfig.__dataclass_fields__}
-    if args.images:
-        flags["images"] = parse_image_dirs(args.images)
-    if args.backend_options:
-        flags["backend_options"] = parse_options(args.backend_options)
-    base = load_yaml(args.config) if args.config else {}
-    if args.resume:
-        base = {**base, **_recorded_config(args.out)}
-    return make_config(base, **flags)
+    add_config_arguments(p)
 
 
 def _recorded_config(out: str | None) -> dict:
@@ -78,24 +24,47 @@ def _recorded_config(out: str | None) -> dict:
     manifest = Path(out) / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} does not exist: nothing to resume; run without --resume first")
-    config = json.loads(manifest.read_text())["config"]
-    return {k: tuple(v) if k == "kinds" else v for k, v in config.items() if k in TraceConfig.__dataclass_fields__}
+    known = set(keys())
+    return {k: v for k, v in json.loads(manifest.read_text())["config"].items() if k in known}
 
 
 def _trace(args: argparse.Namespace) -> int:
     from mmtrace.jobs.run import run_trace
 
-    cfg = config_from_args(args)
+    cfg = config_from_args(args, _recorded_config(args.out) if args.resume else None)
     result = run_trace(cfg)
     red = result.reduced
-    print(f"mmtrace: run {result.run_id}: {red.samples} samples ({red.ok} ok, {red.samples - red.ok} errors), "
-          f"{red.cells} cells; {result.computed_units} units computed, {result.skipped_units} already committed; "
-          f"{result.seconds:.1f} s", file=sys.stderr)
-    summary = result.out / "summary.md"
-    if summary.exists():
-        print(summary.read_text())
-    print(result.out)
+    print(f"mmtrace: run {result.run_id}: {red.samples} samples ({red.ok} ok, {red.errors} errors, {red.pending} "
+          f"pending), {red.cells} cells; {result.computed_units} units computed, {result.skipped_units} already "
+          f"committed; {result.seconds:.1f} s", file=sys.stderr)
+    print(findings(result.out, cfg))
+    if not result.complete:
+        return _unfinished(result)
     return 0 if red.ok or not red.samples else 1
+
+
+def findings(out: Path, cfg) -> str:
+    """What a person wants at the end of a trace: where the effects sit, and where the files are."""
+    from mmtrace.jobs import findings as found
+    from mmtrace.jobs import report
+
+    lines = found.findings(out) if (out / report.SUMMARY_BY_ROLE_FILE).exists() else ["No cells were traced."]
+    window = f"window {cfg.trace.window}, {cfg.trace.window_style} rule"
+    paths = [("heatmap", out / "heatmap.png"), ("cells", out / report.CELLS_DIR),
+             ("samples", out / report.SAMPLES_FILE), ("summary", out / report.SUMMARY_MD)]
+    files = [f"  {name + ':':9} {path}" for name, path in paths if path.exists()]
+    return "\n".join([f"Where the facts sit ({window}):", *lines, "", "Files:", *files])
+
+
+def _unfinished(result) -> int:
+    """Units that could not be computed stay pending; name them and how to retry, and fail the command."""
+    failed = {f.unit_id: f.error for f in result.failed}
+    missing = [u for u in result.reduced.missing_units if u not in failed]
+    lines = [f"  {uid}: {error}" for uid, error in failed.items()] + [f"  {uid}: not committed" for uid in missing]
+    print(f"mmtrace: error: {len(lines)} unit(s) not computed; their samples are marked pending:\n"
+          + "\n".join(lines[:20]) + ("\n  ..." if len(lines) > 20 else "")
+          + f"\nretry them with: mmtrace trace --resume --out {result.out}", file=sys.stderr)
+    return 3
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -1,94 +1,239 @@
-"""One frozen, validated config per run, from CLI flags and an optional YAML file.
+"""One frozen, validated config per run, from CLI flags and an optional YAML file, declared once.
 
-An unknown key is an error before any work starts. The config's content hash (minus where outputs go and how
-work is spread) names the run, so the same question asked twice has the same id.
+`TraceConfig` holds a `TraceSpec` (what to trace) and a `BackendConfig` (where it runs) instead of repeating
+their fields. Each field is declared once, with `option(...)`: its help, its choices and whether it enters the
+run's identity. The YAML keys and the `mmtrace trace` flags are derived from those declarations (as
+Hugging Face's `HfArgumentParser` derives flags from dataclasses): the keys are the leaf fields' names, flat
+(`window: 3`, `backend: ray`), so a new field is one line. An unknown key is an error before any work starts.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field, fields
+import argparse
+import dataclasses
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from mmtrace.workers.spec import KINDS, TraceSpec
+from mmtrace.cluster.executor import BACKENDS
+from mmtrace.workers.adapters import DTYPES
+from mmtrace.workers.spec import TraceSpec, is_identity, option
+from mmtrace.workers.trace import ENGINES
 
 ORGANISM = "organism"
+# The embedded default answers in about a minute on 2 cores: its first questions, at the window where the
+# organism's mechanism shows (README, "The organism"). Applied only to the keys a user did not set.
+ORGANISM_PRESET = {"window": 3, "window_style": "width", "limit": 100}
+
+
+def parse_pairs(pairs: list[str] | dict) -> dict:
+    """KEY=VALUE pairs into a dict; values read as YAML scalars, so 4 is an int, 2.5 a float, true a bool."""
+    if isinstance(pairs, dict):
+        return pairs
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--backend-option wants KEY=VALUE, got {pair!r}")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else None
+    return options
+
+
+def parse_image_dirs(text: str | dict) -> dict:
+    from mmtrace.jobs.datasets import parse_image_dirs as parse
+
+    return text if isinstance(text, dict) else parse(text)
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """Where the work runs: a backend and the options of its executor (checked against its constructor)."""
+
+    name: str = option("local", choices=tuple(BACKENDS), identity=False, help="where the work runs")
+    options: dict = option(default_factory=dict, identity=False,
+                           help="an option of the backend's executor, KEY=VALUE, repeatable (ray: num_actors, "
+                                "address, threads_per_actor...; slurm: partition, cpus_per_task, gpus_per_task, "
+                                "mem_gb, time_min, array_parallelism, max_tasks, units_per_task, folder)")
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS:
+            raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {self.name!r}")
 
 
 @dataclass(frozen=True)
 class TraceConfig:
-    """Everything `mmtrace trace` needs. `model="organism"` / `dataset="organism"` mean the embedded default."""
+    """Everything `mmtrace trace` needs. `model="organism"` / `dataset="organism"` mean the embedded default.
 
-    model: str = ORGANISM
-    dataset: str = ORGANISM
-    out: str = "runs/trace"
-    kinds: tuple[str, ...] = KINDS
-    window: int = 1
-    window_style: str = "radius"
-    corruption: str = "replace"
-    replacement: str = "Paris"
-    noise_scale: float = 3.0
-    seed: int = 0
-    engine: str = "fast"
-    limit: int | None = None
-    images: dict = field(default_factory=dict)
-    missing_images: str = "error"
-    dtype: str = "float32"
-    device: str = "cpu"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    max_batch: int = 64
-    samples_per_unit: int = 1
-    layers_per_unit: int | None = None
-    backend: str = "local"
-    backend_options: dict = field(default_factory=dict)  # passed to the backend's executor, e.g. Slurm's partition
-    progress: bool = True
-    plots: bool = True
+    The model and the samples enter a run's identity through their content (the model's fingerprint, the
+    dataset's digest), not through the strings naming them, so the fields that only name them are not
+    marked `identity`.
+    """
+
+    model: str = option(ORGANISM, identity=False, help="HF checkpoint folder or hub id (default: the organism)")
+    revision: str | None = option(None, identity=False, help="hub revision of --model (its commit enters the id)")
+    dataset: str = option(ORGANISM, identity=False,
+                          help="vqa-constraints:DIR[:subset,...] | organism | organism:text | organism:named")
+    limit: int | None = option(None, identity=False,
+                               help="trace only the first N samples (the organism's default: 100)")
+    all: bool = option(False, identity=False, help="trace every sample (no default limit)")
+    images: dict = option(default_factory=dict, identity=False,
+                          help="image folders per subset: okvqa=/data/coco,multimodal_known=/data/known")
+    missing_images: str = option("error", choices=("error", "blank"), identity=False,
+                                 help="'blank': trace rows without an image on a grey placeholder (marked)")
+    engine: str = option("fast", choices=tuple(ENGINES), identity=True, help="'reference' is the authors' loop")
+    dtype: str = option("float32", choices=("float32", "float16", "bfloat16"), identity=True,
+                        help="weights' and activations' dtype")
+    device: str = option("cpu", identity=False, help="cpu, cuda, cuda:1, ... (moves numbers by ~1e-7 only)")
+    trust_remote_code: bool = option(False, identity=False, help="run the checkpoint's own code (off by default)")
+    trace: TraceSpec = dataclasses.field(default_factory=TraceSpec, metadata={"nested": True})
+    samples_per_unit: int = option(1, identity=False, help="samples per committed work unit")
+    layers_per_unit: int | None = option(None, identity=False, help="layers per unit (default: a kind's depth)")
+    backend: BackendConfig = dataclasses.field(default_factory=BackendConfig,
+                                               metadata={"nested": True, "keys": {"name": "backend",
+                                                                                  "options": "backend_options"}})
+    out: str = option("runs/trace", identity=False, help="run folder")
+    progress: bool = option(True, identity=False, help="progress output on stderr")
+    plots: bool = option(True, identity=False, help="heatmap PNGs")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "kinds", tuple(self.kinds))
-        self.trace_spec()  # validates kinds, window, corruption
-        if self.engine not in ("fast", "reference"):
-            raise ValueError(f"engine must be 'fast' or 'reference', got {self.engine!r}")
-        if self.missing_images not in ("error", "blank"):
-            raise ValueError(f"missing_images must be 'error' or 'blank', got {self.missing_images!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        for name in ("engine", "missing_images"):
+            allowed = _field(type(self), name).metadata["choices"]
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.all and self.limit is not None:
+            raise ValueError("give either --limit or --all, not both")
         if self.samples_per_unit < 1:
             raise ValueError(f"samples_per_unit must be >= 1, got {self.samples_per_unit}")
 
-    def trace_spec(self) -> TraceSpec:
-        return TraceSpec(kinds=self.kinds, window=self.window, window_style=self.window_style,
-                         corruption=self.corruption, replacement=self.replacement, noise_scale=self.noise_scale,
-                         seed=self.seed, max_batch=self.max_batch)
-
     def identity(self) -> dict:
-        """The fields that change results; where outputs go and how work is spread do not."""
-        skip = {"out", "resume", "progress", "plots", "backend", "backend_options", "max_batch", "samples_per_unit", "layers_per_unit",
-                "device"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        """The leaf fields marked `identity`, by key: what the run id hashes besides model and data."""
+        return {key: value for key, value, owner, name in _leaves(self) if is_identity(owner, name)}
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    def to_flat(self) -> dict:
+        """Every leaf field by key: what the manifest records and `make_config` reads back."""
+        return {key: value for key, value, _, _ in _leaves(self)}
+
+
+# ------------------------------------------------------------------------------------ flat keys <-> fields
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return {f.name: f for f in fields(cls)}[name]
+
+
+def _nested_type(cls: type, f: dataclasses.Field) -> type:
+    return typing.get_type_hints(cls)[f.name]
+
+
+def leaf_fields(cls: type = TraceConfig) -> Iterator[tuple[str, type, dataclasses.Field, str | None]]:
+    """(key, owning dataclass, field, nested field name or None) for every leaf field, in declaration order."""
+    for f in fields(cls):
+        if f.metadata.get("nested"):
+            inner = _nested_type(cls, f)
+            for g in fields(inner):
+                yield f.metadata.get("keys", {}).get(g.name, g.name), inner, g, f.name
+        else:
+            yield f.name, cls, f, None
+
+
+def _leaves(cfg: TraceConfig) -> Iterator[tuple[str, Any, type, str]]:
+    for key, owner, f, parent in leaf_fields(type(cfg)):
+        holder = getattr(cfg, parent) if parent else cfg
+        yield key, getattr(holder, f.name), owner, f.name
+
+
+def keys() -> list[str]:
+    return [key for key, _, _, _ in leaf_fields()]
+
+
+def from_flat(values: dict) -> TraceConfig:
+    """A TraceConfig from flat keys; an unknown key is an error naming the valid ones."""
+    known = keys()
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, _, f, parent in leaf_fields():
+        if key in values:
+            (nested.setdefault(parent, {}) if parent else top)[f.name] = _coerce(f, values[key])
+    for parent, inner in nested.items():
+        top[parent] = _nested_type(TraceConfig, _field(TraceConfig, parent))(**inner)
+    return TraceConfig(**top)
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """YAML and manifests give lists where the dataclass holds tuples, and strings for comma lists."""
+    if f.name == "kinds" and isinstance(value, str):
+        return tuple(k.strip() for k in value.split(",") if k.strip())
+    return tuple(value) if isinstance(value, list) else value
 
 
 def load_yaml(path: str | Path) -> dict:
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file holds a mapping of TraceConfig fields, got {type(data).__name__}")
+        raise ValueError(f"{path}: a config file holds a mapping of config keys, got {type(data).__name__}")
     return data
 
 
-def make_config(file_values: dict | None = None, **flags) -> TraceConfig:
-    """Merge YAML values and CLI flags (flags win); unknown keys are an error naming the valid ones."""
-    known = {f.name for f in fields(TraceConfig)}
+def make_config(file_values: dict | None = None, **flags: Any) -> TraceConfig:
+    """Merge YAML values and CLI flags (flags win; None means not given), then the organism's preset for the
+    keys neither set."""
     values = {**(file_values or {}), **{k: v for k, v in flags.items() if v is not None}}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
-    if isinstance(values.get("kinds"), str):
-        values["kinds"] = tuple(k.strip() for k in values["kinds"].split(",") if k.strip())
-    return TraceConfig(**values)
+    if values.get("model", ORGANISM) == ORGANISM and str(values.get("dataset", ORGANISM)).startswith(ORGANISM):
+        preset = dict(ORGANISM_PRESET)
+        if values.get("all"):
+            preset.pop("limit")
+        values = {**preset, **values}
+    return from_flat(values)
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+PARSERS: dict[str, Callable[[Any], Any]] = {"images": parse_image_dirs, "backend_options": parse_pairs}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per leaf field: `--key-name`, its type, choices and help from the field's declaration."""
+    hints = {key: typing.get_type_hints(owner)[f.name] for key, owner, f, _ in leaf_fields()}
+    for key, _, f, _ in leaf_fields():
+        flag, meta, hint = "--" + key.replace("_", "-"), f.metadata, hints[key]
+        if hint is bool:
+            on = f.default is False
+            parser.add_argument(flag if on else "--no-" + flag[2:], dest=key, default=None,
+                                action="store_true" if on else "store_false", help=meta["help"])
+        elif key == "backend_options":
+            parser.add_argument("--backend-option", dest=key, action="append", metavar="KEY=VALUE",
+                                help=meta["help"])
+        else:
+            choices = meta.get("choices") if hint is str else None
+            parser.add_argument(flag, dest=key, type=_scalar(hint), choices=choices, help=_help(meta, hint))
+
+
+def _scalar(hint: Any) -> Callable[[str], Any]:
+    inner = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return inner[0] if inner[0] in (int, float) else str
+
+
+def _help(meta: dict, hint: Any) -> str:
+    if typing.get_origin(hint) is tuple and meta.get("choices"):
+        return f"{meta['help']}; comma-separated among {','.join(meta['choices'])}"
+    return meta["help"]
+
+
+def config_from_args(args: argparse.Namespace, recorded: dict | None = None) -> TraceConfig:
+    """Flags over the YAML file over a resumed run's recorded config."""
+    flags = {key: getattr(args, key, None) for key in keys()}
+    for key, parse in PARSERS.items():
+        if flags.get(key) is not None:
+            flags[key] = parse(flags[key])
+    base = {**(recorded or {}), **(load_yaml(args.config) if getattr(args, "config", None) else {})}
+    return make_config(base, **flags)

@@ -9,6 +9,10 @@ Everything a run leaves behind for readers lives under one output folder:
     out_dir/summary.md                  the per-layer table and the best cell, for humans
     out_dir/heatmap*.png                averaged causal traces (the paper's Fig. 3, ROME's Fig. 1)
 
+A reduced run's `cells` is a symbolic link to a hidden versioned folder (`.cells-<writer>`; see
+`jobs/reduce.py`), which every reader here, pandas, `pyarrow.dataset` and DuckDB follow. The summaries and
+heatmaps (REPORT_OUTPUTS) are derived files: a reduce removes those it did not write itself.
+
 Files are plain Parquet so that pandas, `pyarrow.dataset` and DuckDB (`read_parquet('out/cells/*.parquet')`)
 all read them without us. Every file is written to a hidden temporary name in its final folder, fsynced and
 then renamed over the target, so a crash (a pre-empted Slurm job, a killed Ray actor) leaves either the old
@@ -18,8 +22,9 @@ so neither the `*.parquet` glob nor `pyarrow.dataset` ever sees them.
 Averaging. A sample is the statistical unit: positions of the same role within one sample (the several
 `before` tokens, the `constraint_mid` tokens of a long entity, the hundreds of `image` tokens) are first
 averaged within the sample, then the per-sample values are averaged across samples. Otherwise a long prompt
-would weigh as many samples. The functions here take the cells of `ok` samples only: filtering errored
-samples out is the caller's job (their rows carry no cells anyway, but a partial shard might).
+would weigh as many samples. The functions here take the cells of `ok` samples only: the reducer publishes
+only those in `cells/`; a caller passing cells of its own must filter out error and pending samples, whose
+slices may have left partial cells.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +50,8 @@ SAMPLES_FILE = "samples.parquet"
 SUMMARY_FILE = "summary.parquet"
 SUMMARY_BY_ROLE_FILE = "summary_by_role.parquet"
 SUMMARY_MD = "summary.md"
+HEATMAPS = "heatmap*.png"
+REPORT_OUTPUTS = (SUMMARY_FILE, SUMMARY_BY_ROLE_FILE, SUMMARY_MD, HEATMAPS)  # derived; a reduce rewrites them
 
 # ROME's averaged-trace colours: hidden states purple, MLP green, attention red.
 KIND_CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -89,11 +96,16 @@ def conform(table: pa.Table, schema: pa.Schema = CELL_SCHEMA, what: str = "cells
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def part_path(out_dir: str | os.PathLike, part_name: str) -> Path:
-    """Where part `part_name` of the cells lives; names are restricted so they are safe file names."""
+def part_file(folder: str | os.PathLike, part_name: str) -> Path:
+    """Where part `part_name` lives in a cells folder; names are restricted so they are safe file names."""
     if not _PART_NAME.fullmatch(part_name):
         raise ValueError(f"part name {part_name!r}: use letters, digits, '.', '_', '=', '-' (not leading '.')")
-    return Path(out_dir) / CELLS_DIR / f"part-{part_name}.parquet"
+    return Path(folder) / f"part-{part_name}.parquet"
+
+
+def part_path(out_dir: str | os.PathLike, part_name: str) -> Path:
+    """Where part `part_name` of a run's cells lives."""
+    return part_file(Path(out_dir) / CELLS_DIR, part_name)
 
 
 def write_cells(out_dir: str | os.PathLike, tables: Iterable[pa.Table], part_name: str) -> Path:
@@ -104,9 +116,14 @@ def write_cells(out_dir: str | os.PathLike, tables: Iterable[pa.Table], part_nam
     write is abandoned and the previous part, if any, is kept. An empty iterable writes an empty part, so
     "the part exists" can mean "this shard is done".
     """
+    return write_part(Path(out_dir) / CELLS_DIR, tables, part_name)
+
+
+def write_part(folder: str | os.PathLike, tables: Iterable[pa.Table], part_name: str) -> Path:
+    """As `write_cells`, into cells folder `folder` itself (the reducer stages a new version there)."""
     if isinstance(tables, pa.Table):
         tables = [tables]
-    path = part_path(out_dir, part_name)
+    path = part_file(folder, part_name)
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, CELL_SCHEMA, compression="zstd") as writer:
             for i, table in enumerate(tables):
@@ -300,10 +317,24 @@ def _fmt(x: float, digits: int = 4) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def summary_markdown(summary: pd.DataFrame, best: dict | None, num_samples: int) -> str:
-    """The human-readable summary: mean ie ± ci95 per layer (rows) × kind (columns), one table a window."""
+def _status_line(counts: Mapping[str, int] | None) -> list[str]:
+    """The run's samples by status, so a reader sees what the numbers leave out."""
+    if not counts:
+        return []
+    parts = ", ".join(f"{n} {status}" for status, n in counts.items())
+    return [f"Samples in the run: {parts}; only ok samples enter the numbers below.", ""]
+
+
+def summary_markdown(summary: pd.DataFrame, best: dict | None, num_samples: int,
+                     counts: Mapping[str, int] | None = None) -> str:
+    """The human-readable summary: mean ie ± ci95 per layer (rows) × kind (columns), one table a window.
+
+    `num_samples` is the number of ok samples behind the numbers; `counts` (status -> samples), when
+    given, adds the run's error and pending samples, which the numbers exclude.
+    """
     lines = ["# Causal trace summary", "", f"Samples (ok): {num_samples}. "
-             "Values: mean indirect effect over samples ± 95% CI half-width (1.96·std/√n).", ""]
+             "Values: mean indirect effect over samples ± 95% CI half-width (1.96·std/√n).", "",
+             *_status_line(counts)]
     if summary.empty:
         lines.append("No cells.")
         return "\n".join(lines) + "\n"
@@ -336,10 +367,11 @@ def summary_markdown(summary: pd.DataFrame, best: dict | None, num_samples: int)
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out_dir: str | os.PathLike, cells: pd.DataFrame | pa.Table) -> dict[str, Path]:
+def write_summary(out_dir: str | os.PathLike, cells: pd.DataFrame | pa.Table,
+                  counts: Mapping[str, int] | None = None) -> dict[str, Path]:
     """Write summary.parquet, summary_by_role.parquet and summary.md; returns their paths by name.
 
-    Pass the cells of `ok` samples only.
+    Pass the cells of `ok` samples only; `counts` (status -> samples) is shown in summary.md.
     """
     out_dir = Path(out_dir)
     frame = _frame(cells)
@@ -352,9 +384,27 @@ def write_summary(out_dir: str | os.PathLike, cells: pd.DataFrame | pa.Table) ->
     return {
         "summary": _write_frame(summary, out_dir / SUMMARY_FILE),
         "summary_by_role": _write_frame(by_role, out_dir / SUMMARY_BY_ROLE_FILE),
-        "summary_md": _write_text(summary_markdown(summary, best, frame["sample_id"].nunique()),
+        "summary_md": _write_text(summary_markdown(summary, best, frame["sample_id"].nunique(), counts),
                                   out_dir / SUMMARY_MD),
     }
+
+
+def remove_stale_outputs(out_dir: str | os.PathLike, written: Iterable[str | os.PathLike]) -> list[Path]:
+    """Remove the REPORT_OUTPUTS of `out_dir` not in `written`; returns what went.
+
+    Summaries and heatmaps describe one reduce: a file an earlier reduce wrote and this one did not (a kind
+    no longer traced, a summary of cells that are gone) would contradict the tables beside it. Only these
+    known names are touched, never anything else in the folder.
+    """
+    out_dir = Path(out_dir)
+    keep = {Path(p).resolve() for p in written}
+    removed = []
+    for pattern in REPORT_OUTPUTS:
+        for path in sorted(out_dir.glob(pattern)):
+            if path.is_file() and not path.is_symlink() and path.resolve() not in keep:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------- heatmaps

@@ -46,7 +46,7 @@ def rerun(run_dir: str | Path, backend: str | None = None, progress: bool | None
     before = read_run(run_dir)
     known = set(TraceConfig.__dataclass_fields__)
     dropped = sorted(set(before["config"]) - known)
-    if dropped:  # a field an older mmtrace recorded and this one no longer has: a timer must not die of it
+    if dropped:  # a key this version does not know: a timer must not die of it
         print(f"mmtrace: rerun: ignoring config keys this version does not know: {dropped}", file=sys.stderr)
     values = {k: v for k, v in before["config"].items() if k in known}
     values["out"] = str(run_dir)  # the folder may have moved since

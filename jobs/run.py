@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from mmtrace.cluster.executor import make_executor
+from mmtrace.cluster.executor import UnitFailure, make_executor
 from mmtrace.cluster.store import RunStore
+from mmtrace.jobs import identity
 from mmtrace.jobs.config import ORGANISM, TraceConfig
-from mmtrace.jobs.plan import plan_units, unit_base
+from mmtrace.jobs.plan import plan_units
+from mmtrace.jobs.progress import progress
 from mmtrace.jobs.reduce import Reduced, UnitSink, reduce_run
-from mmtrace.workers.adapters import num_decoder_layers
+from mmtrace.workers.adapters import num_decoder_layers, prompt_templates
 from mmtrace.workers.spec import Sample
-from mmtrace.workers.worker import ModelSpec, TraceWorker
-
-CODE_ROOTS = ("workers", "jobs", "cluster")
+from mmtrace.workers.worker import ModelSpec, TraceUnit, TraceWorker
 
 
 def resolve_model(model: str) -> str:
@@ -39,46 +34,25 @@ def load_samples(cfg: TraceConfig) -> list[Sample]:
                            limit=cfg.limit)
 
 
-def model_fingerprint(path: str) -> str:
-    """A content hash of a local checkpoint: config, file sizes and the head and tail of each weight file.
+@dataclass(frozen=True)
+class RunIdentity:
+    """What names a run, each hashed once: the weights, the samples and the prompt templates."""
 
-    Reading whole 14 GB checkpoints to name a run would cost more than tracing a sample; a changed
-    checkpoint changes its config, a size, or the bytes at either end of a shard in every realistic case.
-    """
-    root = Path(path)
-    if not root.is_dir():
-        return f"hub:{path}"
-    h = hashlib.sha256()
-    for f in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")):
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
-        with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20))
-            if f.stat().st_size > 2 << 20:
-                fh.seek(-(1 << 20), 2)
-                h.update(fh.read())
-    return h.hexdigest()[:16]
+    model_path: str
+    fingerprint: str
+    dataset_digest: str
+    templates: dict[str, str]
 
+    @classmethod
+    def of(cls, cfg: TraceConfig, model_path: str, samples: list[Sample]) -> RunIdentity:
+        return cls(model_path, identity.model_fingerprint(model_path, cfg.revision),
+                   identity.dataset_digest(samples), prompt_templates(model_path))
 
-def code_version() -> str:
-    """Package version, git commit if any, and a hash of the source (what actually ran)."""
-    from importlib.metadata import PackageNotFoundError, version
+    def run_id(self, cfg: TraceConfig) -> str:
+        return identity.run_id(cfg.identity(), self.fingerprint, self.dataset_digest, self.templates)
 
-    here = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for root in CODE_ROOTS:
-        for f in sorted((here / root).rglob("*.py")):
-            h.update(f.read_bytes())
-    try:
-        pkg = version("mmtrace")
-    except PackageNotFoundError:
-        pkg = "0+unknown"
-    try:
-        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    return f"{pkg}+{rev or 'nogit'}.src{h.hexdigest()[:10]}"
+    def unit_base(self, cfg: TraceConfig) -> str:
+        return identity.unit_base(self.fingerprint, cfg.trace, cfg.engine, dtype=cfg.dtype, templates=self.templates)
 
 
 @dataclass
@@ -89,78 +63,81 @@ class RunResult:
     skipped_units: int
     reduced: Reduced
     seconds: float
+    failed: list[UnitFailure] = field(default_factory=list)
 
-
-@dataclass(frozen=True)
-class RunIdentity:
-    """What names a run, each hashed once: the model's fingerprint and the dataset's digest."""
-
-    model_path: str
-    fingerprint: str
-    dataset_digest: str
-
-    @classmethod
-    def of(cls, model_path: str, samples: list[Sample]) -> "RunIdentity":
-        from mmtrace.jobs.datasets import dataset_digest
-
-        return cls(model_path, model_fingerprint(model_path), dataset_digest(samples))
-
-    def run_id(self, cfg: TraceConfig) -> str:
-        blob = f"{cfg.digest()}:{self.fingerprint}:{self.dataset_digest}"
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    @property
+    def complete(self) -> bool:
+        return not self.failed and not self.reduced.missing_units
 
 
 def _manifest(cfg: TraceConfig, ident: RunIdentity, samples: list[Sample], unit_ids: list[str]) -> dict:
-    return {"run_id": ident.run_id(cfg), "config": asdict(cfg),
+    return {"run_id": ident.run_id(cfg), "config": cfg.to_flat(),
             "model": {"id": cfg.model, "path": ident.model_path, "revision": cfg.revision,
-                      "fingerprint": ident.fingerprint},
+                      "fingerprint": ident.fingerprint, "templates": ident.templates},
             "dataset": {"spec": cfg.dataset, "digest": ident.dataset_digest, "samples": len(samples)},
-            "code_version": code_version(), "units": unit_ids}
+            "code_version": identity.code_version(), "units": unit_ids}
 
 
 def executor_options(cfg: TraceConfig) -> dict:
     """The config's backend options; Slurm's submitit folder defaults to `<out>/slurm`, on the shared file
     system beside the run (each executor makes a fresh subfolder in it, since Slurm job ids can restart)."""
-    options = dict(cfg.backend_options)
-    if cfg.backend == "slurm":
+    options = dict(cfg.backend.options)
+    if cfg.backend.name == "slurm":
         options.setdefault("folder", str(Path(cfg.out) / "slurm"))
     return options
+
+
+def _plan(units: list[TraceUnit]) -> dict[str, list[str]]:
+    return {u.unit_id: [s.sample_id for s in u.samples] for u in units}
+
+
+def _known(samples: list[Sample]) -> dict[str, dict]:
+    return {s.sample_id: {"subset": s.subset, "question": s.question, "constraint": s.constraint,
+                          "answer": s.answer} for s in samples}
+
+
+def _execute(cfg: TraceConfig, executor, factory, todo: list[TraceUnit], done: int, total: int) -> list[UnitFailure]:
+    """Run the units still to do; a unit that fails stays uncommitted and is returned, the others go on."""
+    failed: list[UnitFailure] = []
+    cells, traced = 0, set()
+    with progress(total, "trace", initial=done, unit="units", enabled=cfg.progress) as bar:
+        for _, outcome in executor.map_units(factory, todo, UnitSink(str(cfg.out))):
+            if isinstance(outcome, UnitFailure):
+                failed.append(outcome)
+            else:
+                cells += outcome["cells"]
+                traced.update(outcome["samples"])
+            bar.update(1)
+            bar.set_postfix(samples=len(traced), cells=cells, failed=len(failed), refresh=False)
+    return failed
 
 
 def run_trace(cfg: TraceConfig) -> RunResult:
     """Trace every sample of the dataset into `cfg.out`; units already committed there are never redone.
 
     A folder may hold units of earlier configs: they are kept (a later run may need them again) but the
-    reducer merges only this run's units into the tables.
+    reducer merges only this run's units into the tables. A unit whose worker failed is not committed: the
+    reduce marks its samples pending, and `RunResult.failed` names it for the caller.
     """
     started = time.perf_counter()
     model_path = resolve_model(cfg.model)
     samples = load_samples(cfg)
-    ident = RunIdentity.of(model_path, samples)
+    ident = RunIdentity.of(cfg, model_path, samples)
     store = RunStore(cfg.out)
     store.clean_partial()
-    spec = cfg.trace_spec()
-    base = unit_base(ident.fingerprint, spec, cfg.engine)
     layers = num_decoder_layers(model_path, cfg.revision, cfg.trust_remote_code)
-    units = plan_units(samples, base, spec.kinds, layers, cfg.samples_per_unit, cfg.layers_per_unit)
+    units = plan_units(samples, ident.unit_base(cfg), cfg.trace.kinds, layers, cfg.samples_per_unit,
+                       cfg.layers_per_unit)
     store.write_manifest(_manifest(cfg, ident, samples, [u.unit_id for u in units]))
-    done = store.committed()
-    todo = [u for u in units if u.unit_id not in done]
+    committed = store.committed()
+    todo = [u for u in units if u.unit_id not in committed]
     model = ModelSpec(model_path, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code)
-    factory = partial(TraceWorker, model, spec, cfg.engine)
-    bar = tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", desc="trace",
-               disable=not cfg.progress, file=sys.stderr)
-    executor = make_executor(cfg.backend, **executor_options(cfg))
-    cells, traced = 0, set()
-    with bar:
-        for _, receipt in executor.map_units(factory, todo, UnitSink(str(cfg.out))):
-            cells += receipt["cells"]
-            traced.update(receipt["samples"])
-            bar.update(1)
-            bar.set_postfix(samples=len(traced), cells=cells, refresh=False)
+    executor = make_executor(cfg.backend.name, **executor_options(cfg))
+    factory = partial(TraceWorker, model, cfg.trace, cfg.engine)
+    failed = _execute(cfg, executor, factory, todo, len(units) - len(todo), len(units))
     array = getattr(executor, "last_array_id", None)  # Slurm: the reduce job waits for the array (afterok)
     reduced = executor.submit(reduce_run, cfg.out, [u.unit_id for u in units], plots=cfg.plots,
-                              title=f"{Path(cfg.model).name} on {cfg.dataset}",
-                              **({"after": [array]} if array else {})).result()
-    return RunResult(ident.run_id(cfg), Path(cfg.out), len(todo), len(units) - len(todo), reduced,
-                     time.perf_counter() - started)
+                              title=f"{Path(cfg.model).name} on {cfg.dataset}", plan=_plan(units),
+                              samples=_known(samples), **({"after": [array]} if array and not failed else {}))
+    return RunResult(ident.run_id(cfg), Path(cfg.out), len(todo) - len(failed), len(units) - len(todo),
+                     reduced.result(), time.perf_counter() - started, failed)

@@ -17,7 +17,15 @@ import torch
 from PIL import Image
 
 from mmtrace.workers.encoding import find_constraint, token_span
-from mmtrace.workers.spec import BLANK_IMAGE, DEFAULT_TEMPLATE, TEXT_TEMPLATE, Encoded, Sample, build_prompt, format_question
+from mmtrace.workers.spec import (
+    BLANK_IMAGE,
+    DEFAULT_TEMPLATE,
+    TEXT_TEMPLATE,
+    Encoded,
+    Sample,
+    format_question,
+    render_prompt,
+)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -81,11 +89,19 @@ class Adapter(ABC):
         return self.decoder.embed_tokens
 
     def site(self, kind: str, layer: int) -> torch.nn.Module:
-        """The module whose output a restoration of `kind` at `layer` replaces."""
+        """The module whose output a restoration of `kind` at `layer` replaces.
+
+        Llama-, Mistral-, Qwen- and Phi-style layers all name their parts `self_attn` and `mlp`; a layer that
+        does not is a family this adapter cannot trace, said plainly rather than as an AttributeError mid-run.
+        """
         block = self.layers[layer]
         if kind == "hidden":
             return block
-        return getattr(block, {"mlp": "mlp", "attn": "self_attn"}[kind])
+        name = {"mlp": "mlp", "attn": "self_attn"}[kind]
+        if not hasattr(block, name):
+            raise TypeError(f"{self.name}: decoder layer {type(block).__name__} has no {name!r} module; "
+                            f"the {self.family} adapter traces layers with 'self_attn' and 'mlp'")
+        return getattr(block, name)
 
     @property
     def info(self) -> ModelInfo:
@@ -94,6 +110,13 @@ class Adapter(ABC):
     # -- inputs ----------------------------------------------------------------------------------------
     def template(self, visual: bool) -> str:
         return self.templates.get("visual" if visual else "text") or (DEFAULT_TEMPLATE if visual else TEXT_TEMPLATE)
+
+    def prompt(self, sample: Sample, visual: bool) -> tuple[str, int]:
+        """The sample's prompt and where its question starts; a template that cannot serve is the sample's error."""
+        try:
+            return render_prompt(sample.question, visual, self.template(visual))
+        except ValueError as exc:
+            raise SampleError(f"{sample.sample_id}: {exc}") from exc
 
     @abstractmethod
     def encode(self, sample: Sample) -> Encoded:
@@ -118,9 +141,9 @@ class Adapter(ABC):
 
     def _encode_text(self, sample: Sample) -> Encoded:
         """A question without an image: an LLM's, or an MLLM's text-only twin (the decoder alone)."""
-        prompt = build_prompt(sample.question, False, self.template(False))
+        prompt, question_at = self.prompt(sample, False)
         enc = self.tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
-        span = self._locate(sample, prompt, enc["offset_mapping"][0].tolist())
+        span = self._locate(sample, enc["offset_mapping"][0].tolist(), question_at)
         ids = enc["input_ids"]
         return Encoded(ids, None, span, None, 0, self._tokens(ids))
 
@@ -128,14 +151,15 @@ class Adapter(ABC):
         """Each token as text (what a reader of the cell table wants, not 'Ġbuilding')."""
         return [self.tokenizer.decode([i]) for i in ids[0].tolist()]
 
-    def _locate(self, sample: Sample, prompt: str, offsets, shift: int = 0) -> tuple[int, int]:
+    def _locate(self, sample: Sample, offsets, question_at: int, shift: int = 0) -> tuple[int, int]:
         """Token span of the constraint: characters in the question -> in the prompt -> tokens.
 
-        `shift` is how many characters the processor inserted before the question (image placeholders
-        expanded before tokenising), since offsets index the expanded prompt.
+        The constraint is searched in the question as the prompt holds it (stripped, "?"-terminated), so
+        its characters count from `question_at`. `shift` is how many characters the processor inserted
+        before the question (image placeholders expanded before tokenising), since offsets index the
+        expanded prompt.
         """
-        question_at = prompt.index(format_question(sample.question))
-        cs, ce = find_constraint(sample.question, sample.constraint)
+        cs, ce = find_constraint(format_question(sample.question), sample.constraint)
         at = question_at + shift
         return token_span(offsets, cs + at, ce + at)
 
@@ -187,10 +211,28 @@ class LlavaAdapter(Adapter):
             raise SampleError(f"{sample.sample_id}: cannot read image {sample.image!r} ({exc}); fix the file or "
                               "pass --missing-images blank") from exc
 
+    def prompt(self, sample: Sample, visual: bool) -> tuple[str, int]:
+        """As the base, and the prompt holds exactly one image placeholder (none for a text-only twin).
+
+        mmtrace traces one image per prompt: the image span, the first traced position and the shift of
+        the offsets all assume a single placeholder, which only the template may hold.
+        """
+        token = self.image_token
+        if token in sample.question:
+            raise SampleError(f"{sample.sample_id}: the question holds the image placeholder {token!r}, which the "
+                              "processor would expand into image tokens; remove it from the question")
+        want = 1 if visual else 0
+        have = self.template(visual).count(token)
+        if have != want:
+            kind = "visual" if visual else "text"
+            raise SampleError(f"{sample.sample_id}: the {kind} prompt template has {have} image placeholders "
+                              f"{token!r}; mmtrace traces one image per prompt, so it needs exactly {want}")
+        return super().prompt(sample, visual)
+
     def encode(self, sample: Sample) -> Encoded:
         if not sample.is_visual:
             return self._encode_text(sample)
-        prompt = build_prompt(sample.question, True, self.template(True))
+        prompt, question_at = self.prompt(sample, True)
         enc = self.processor(text=prompt, images=self.load_image(sample), return_offsets_mapping=True,
                              return_tensors="pt")
         ids = enc["input_ids"]
@@ -200,9 +242,9 @@ class LlavaAdapter(Adapter):
         image_span = (int(where[0]), int(where[-1]) + 1)
         if image_span[1] - image_span[0] != len(where):
             raise SampleError(f"{sample.sample_id}: image tokens are not contiguous")
-        n_before = prompt[:prompt.index(format_question(sample.question))].count(self.image_token)
+        n_before = prompt[:question_at].count(self.image_token)
         shift = n_before * (len(where) - 1) * len(self.image_token)
-        span = self._locate(sample, prompt, enc["offset_mapping"][0].tolist(), shift)
+        span = self._locate(sample, enc["offset_mapping"][0].tolist(), question_at, shift)
         return Encoded(ids, enc["pixel_values"].to(self.dtype), span, image_span, image_span[1] - 1,
                        self._tokens(ids))
 
@@ -210,6 +252,22 @@ class LlavaAdapter(Adapter):
 def _settings(path: Path) -> dict:
     f = path / SETTINGS_FILE
     return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def prompt_templates(model: str) -> dict[str, str]:
+    """The effective {"visual", "text"} prompt templates for a checkpoint, without loading it.
+
+    `mmtrace.json` beside a local checkpoint may set either; the authors' templates fill the rest (a hub id
+    has no settings file). A run names its templates, so a key other than these two is an error rather than
+    a silently ignored typo.
+    """
+    local = Path(model)
+    given = (_settings(local) if local.is_dir() else {}).get("templates") or {}
+    unknown = sorted(set(given) - {"visual", "text"})
+    if unknown or not all(isinstance(v, str) for v in given.values()):
+        raise ValueError(f"{local / SETTINGS_FILE}: templates must map 'visual' and/or 'text' to strings, got "
+                         f"{given!r}")
+    return {"visual": given.get("visual") or DEFAULT_TEMPLATE, "text": given.get("text") or TEXT_TEMPLATE}
 
 
 def num_decoder_layers(model: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
@@ -235,14 +293,12 @@ def load_adapter(model: str, dtype: str = "float32", device: str = "cpu", revisi
     kw = dict(revision=revision, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(model, **kw)
     load = dict(kw, dtype=DTYPES[dtype], use_safetensors=True)
-    local = Path(model)
-    settings = _settings(local) if local.is_dir() else {}
+    templates = prompt_templates(model)
     if getattr(config, "vision_config", None) is not None:
         net = AutoModelForImageTextToText.from_pretrained(model, **load).to(device)
         processor = AutoProcessor.from_pretrained(model, **kw)
-        adapter: Adapter = LlavaAdapter(net, processor.tokenizer, processor, model, revision, settings.get("templates"))
+        adapter: Adapter = LlavaAdapter(net, processor.tokenizer, processor, model, revision, templates)
     else:
         net = AutoModelForCausalLM.from_pretrained(model, **load).to(device)
-        adapter = CausalLMAdapter(net, AutoTokenizer.from_pretrained(model, **kw), None, model, revision,
-                                  settings.get("templates"))
+        adapter = CausalLMAdapter(net, AutoTokenizer.from_pretrained(model, **kw), None, model, revision, templates)
     return adapter

@@ -46,9 +46,9 @@ SAMPLE_SCHEMA = pa.schema(
         ("constraint_end", pa.int32()),
         ("first_traced", pa.int32()),
         ("placeholder_image", pa.bool_()),
-        ("num_cells", pa.int32()),
-        ("status", pa.string()),  # ok | error
-        ("error", pa.string()),
+        ("num_cells", pa.int32()),  # a unit: its slice's cells; the run: the sample's cells in cells/ (0 unless ok)
+        ("status", pa.string()),  # ok | error | pending (a unit of it not committed yet; run tables only)
+        ("error", pa.string()),  # why not ok: the failing slices' messages, or the missing units
     ]
 )
 

@@ -62,7 +62,25 @@ class Recorded:
         self.base = base
 
     def values(self, kind, layer, positions, live, offset):
-        return self.states[kind][layer, positions - self.base].to(live.dtype)
+        states = self.states[kind][layer].to(live.device)  # a no-op unless the states were kept elsewhere
+        return states[positions - self.base].to(live.dtype)
+
+
+class _OnDevice:
+    """An index list as a tensor on whichever device the hooked module's output lives, made once per device.
+
+    Hooks see outputs on the model's device (CUDA, or one device per layer when a model is sharded), so the
+    indices follow the output rather than the CPU where the cells were listed.
+    """
+
+    def __init__(self, values: Sequence[int]):
+        self.values = list(values)
+        self.by_device: dict[torch.device, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self.by_device:
+            self.by_device[device] = torch.tensor(self.values, dtype=torch.long, device=device)
+        return self.by_device[device]
 
 
 def _index(rows: Sequence[Sequence[Restore]]) -> dict[tuple[str, int], tuple[list[int], list[int]]]:
@@ -86,11 +104,12 @@ def restoring(adapter, rows: Sequence[Sequence[Restore]], source: Source, offset
     handles = []
     try:
         for (kind, layer), (b, pos) in _index(rows).items():
-            b_t, pos_t = torch.tensor(b), torch.tensor(pos)
+            b_t, pos_t = _OnDevice(b), _OnDevice(pos)
 
             def hook(module, args, output, kind=kind, layer=layer, b_t=b_t, pos_t=pos_t):
                 live = _main_tensor(output)
-                live[b_t, pos_t - offset] = source.values(kind, layer, pos_t, live, offset)
+                at = pos_t.on(live.device)
+                live[b_t.on(live.device), at - offset] = source.values(kind, layer, at, live, offset)
                 return output
 
             handles.append(adapter.site(kind, layer).register_forward_hook(hook))
@@ -128,14 +147,19 @@ def stack_recorded(store: dict[str, list]) -> dict[str, torch.Tensor]:
 
 @contextmanager
 def perturbing(adapter, rows: Sequence[int], positions: Sequence[int], delta: torch.Tensor) -> Iterator[None]:
-    """Add `delta` (len(positions), d) to the token embeddings of `rows` at `positions`."""
-    rows_t = torch.tensor(list(rows)).repeat_interleave(len(positions))
-    pos_t = torch.tensor(list(positions)).repeat(len(rows))
+    """Add `delta` (len(positions), d) to the token embeddings of `rows` at `positions`.
+
+    The noise is drawn on the CPU (so a seed gives the same draw on every machine) and moved to the
+    embedding output's device and dtype when added.
+    """
+    rows_t = _OnDevice([r for r in rows for _ in positions])
+    pos_t = _OnDevice([p for _ in rows for p in positions])
     add = delta.repeat(len(rows), 1)
 
     def hook(module, args, output):
         output = output.clone()
-        output[rows_t, pos_t] += add.to(output.dtype)
+        dev = output.device
+        output[rows_t.on(dev), pos_t.on(dev)] += add.to(dev, output.dtype)
         return output
 
     handle = adapter.embed_tokens.register_forward_hook(hook)

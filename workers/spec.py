@@ -7,11 +7,16 @@ picklable dataclasses: a Ray actor or a Slurm job receives them unchanged.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
+from string import Formatter
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the types only: importing spec stays torch-free for planners and drivers
+    import torch
 
 KINDS = ("mlp", "attn", "hidden")
+WINDOW_STYLES = ("radius", "width")
+CORRUPTIONS = ("replace", "noise")
 TOKEN_ROLES = ("image", "before", "constraint", "after", "last")
 ALIGNED_ROLES = (
     "image", "before", "constraint_first", "constraint_mid", "constraint_last", "after_first", "after_rest", "last",
@@ -26,15 +31,34 @@ def format_question(question: str) -> str:
     return question if question.endswith("?") else question + "?"
 
 
+def render_prompt(question: str, visual: bool, template: str | None = None) -> tuple[str, int]:
+    """The prompt for one question and the character where the formatted question starts in it.
+
+    The start is the length of the template's text before `{question}`, never a search of the prompt for the
+    question, which would land on an earlier copy when the template's text happens to contain it. A template
+    must hold one plain `{question}` field and no other (literal braces are written `{{` and `}}`).
+    """
+    template = template or (DEFAULT_TEMPLATE if visual else TEXT_TEMPLATE)
+    parts = list(Formatter().parse(template))
+    named = [(name, spec, conv) for _, name, spec, conv in parts if name is not None]
+    if named != [("question", "", None)]:
+        raise ValueError(f"the prompt template {template!r} must hold one plain {{question}} field and no other "
+                         f"field, got {[n[0] for n in named]}")
+    at = next(i for i, part in enumerate(parts) if part[1] is not None)
+    before = "".join(part[0] for part in parts[:at + 1])
+    return template.format(question=format_question(question)), len(before)
+
+
 def build_prompt(question: str, visual: bool, template: str | None = None) -> str:
     """The prompt for one question; `{question}` in the template receives the "?"-terminated question."""
-    template = template or (DEFAULT_TEMPLATE if visual else TEXT_TEMPLATE)
-    return template.format(question=format_question(question))
+    return render_prompt(question, visual, template)[0]
+
+
 # A uniform grey stand-in for a missing image (`--missing-images blank`); rows that use it are marked.
 BLANK_IMAGE = "mmtrace:blank"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sample:
     """One question to trace.
 
@@ -62,8 +86,23 @@ class Sample:
     def placeholder_image(self) -> bool:
         return self.image == BLANK_IMAGE
 
-    def with_error(self, error: str) -> "Sample":
+    def with_error(self, error: str) -> Sample:
         return Sample(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "error": error})
+
+
+def option(default: Any = MISSING, *, help: str, identity: bool, choices: tuple | None = None,
+           default_factory: Any = MISSING) -> Any:
+    """A config field that says, beside itself, what it means (`help`, `choices`, both shown by the CLI) and
+    whether it enters a run's identity (`identity`: True when changing it changes the numbers)."""
+    meta = {"help": help, "identity": identity, "choices": choices}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def is_identity(cls: type, name: str) -> bool:
+    """Whether field `name` of dataclass `cls` enters a run's identity (declared by `option`)."""
+    return bool({f.name: f for f in fields(cls)}[name].metadata.get("identity"))
 
 
 @dataclass(frozen=True)
@@ -78,27 +117,36 @@ class TraceSpec:
     (seed, sample id) so every cell of a sample sees the same draw.
     """
 
-    kinds: tuple[str, ...] = KINDS
-    window: int = 1
-    window_style: str = "radius"
-    corruption: str = "replace"
-    replacement: str = "Paris"
-    noise_scale: float = 3.0
-    seed: int = 0
-    max_batch: int = 64
+    kinds: tuple[str, ...] = option(KINDS, choices=KINDS, identity=False,
+                                    help="sites to restore (each kind is its own slice of the grid and unit)")
+    window: int = option(1, identity=True, help="1 = one layer; w > 1 = layers i-w..i+w (radius) or w layers (width)")
+    window_style: str = option("radius", choices=WINDOW_STYLES, identity=True,
+                               help="'radius': the authors' rule; 'width': ROME's, w consecutive layers")
+    corruption: str = option("replace", choices=CORRUPTIONS, identity=True,
+                             help="replace the constraint's tokens, or add Gaussian noise to their embeddings")
+    replacement: str = option("Paris", identity=True,
+                              help="word whose first token replaces every constraint token (when a sample names "
+                                   "no replacement of its own)")
+    noise_scale: float = option(3.0, identity=True, help="noise std in units of the embedding matrix's std")
+    seed: int = option(0, identity=True, help="seed of the noise (drawn per sample from (seed, sample id))")
+    max_batch: int = option(64, identity=False, help="rows per batched forward in the fast engine")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
         bad = [k for k in self.kinds if k not in KINDS]
         if bad or not self.kinds:
             raise ValueError(f"kinds: {bad or 'empty'} not among {KINDS}")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.window_style not in ("radius", "width"):
-            raise ValueError(f"window_style must be 'radius' or 'width', got {self.window_style!r}")
-        if self.corruption not in ("replace", "noise"):
-            raise ValueError(f"corruption must be 'replace' or 'noise', got {self.corruption!r}")
+        for name, allowed in (("window_style", WINDOW_STYLES), ("corruption", CORRUPTIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+
+    @classmethod
+    def field_is_identity(cls, name: str) -> bool:
+        return is_identity(cls, name)
 
     def layers_for(self, layer: int, num_layers: int) -> tuple[int, ...]:
         """The layers restored together for the cell labelled `layer`."""
@@ -108,11 +156,6 @@ class TraceSpec:
             lo = layer - self.window // 2
             hi = lo + self.window - 1
         return tuple(range(max(lo, 0), min(hi, num_layers - 1) + 1))
-
-    def digest(self) -> str:
-        """Content hash: the part of a run's identity that the trace semantics contribute."""
-        blob = json.dumps({k: v for k, v in asdict(self).items() if k != "max_batch"}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -124,8 +167,8 @@ class Encoded:
     token for a visual sample, 0 for a text-only one).
     """
 
-    input_ids: "object"  # torch.LongTensor (1, T)
-    pixel_values: "object | None"
+    input_ids: torch.Tensor  # (1, T) long
+    pixel_values: torch.Tensor | None
     constraint: tuple[int, int]
     image_span: tuple[int, int] | None
     first_traced: int

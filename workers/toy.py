@@ -2,7 +2,9 @@
 
 Tests and benchmarks load them back through `load_adapter`, i.e. through exactly the code path of a
 downloaded checkpoint. The LLaVA one keeps LLaVA-1.5's geometry where it matters for cost and indexing:
-a 336 px CLIP tower with 14 px patches, hence 576 image tokens.
+a 336 px CLIP tower with 14 px patches, hence 576 image tokens. The Phi one covers the other decoder layout
+tracing must serve (parallel attention and MLP, partial rotary embeddings, LayerNorm, biases) on a small
+image, so an exhaustive grid stays cheap.
 """
 
 from __future__ import annotations
@@ -44,26 +46,63 @@ def _llama_config(vocab: int, layers: int, width: int, seed_scale: float):
                        initializer_range=seed_scale, bos_token_id=1, eos_token_id=2, pad_token_id=3)
 
 
-def build_tiny_llava(out: str | Path, layers: int = 4, width: int = 64, vision_layers: int = 2, seed: int = 0,
-                     init_scale: float = 0.3) -> Path:
-    """A random LlavaForConditionalGeneration with 576 image tokens, saved with its processor."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+def _phi_config(vocab: int, layers: int, width: int, seed_scale: float, partial_rotary_factor: float):
+    from transformers import PhiConfig
 
-    out = Path(out)
-    torch.manual_seed(seed)
-    tok = train_tokenizer()
-    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
+    return PhiConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                     num_attention_heads=4, max_position_embeddings=1024, initializer_range=seed_scale,
+                     partial_rotary_factor=partial_rotary_factor, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+def _save_llava(out: Path, tok, text_config, image_size: int, vision_layers: int) -> Path:
+    """A random LLaVA over `text_config` with a 14 px-patch CLIP tower of `image_size`, saved with its processor."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    vision = CLIPVisionConfig(image_size=image_size, patch_size=14, hidden_size=32, intermediate_size=64,
                               num_hidden_layers=vision_layers, num_attention_heads=2)
-    config = LlavaConfig(vision_config=vision, text_config=_llama_config(len(tok), layers, width, init_scale),
+    config = LlavaConfig(vision_config=vision, text_config=text_config,
                          image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1)
     model = LlavaForConditionalGeneration(config).eval()
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def build_tiny_llava(out: str | Path, layers: int = 4, width: int = 64, vision_layers: int = 2, seed: int = 0,
+                     init_scale: float = 0.3) -> Path:
+    """A random LlavaForConditionalGeneration with 576 image tokens, saved with its processor.
+
+    Its Llama decoder has 4 query heads sharing 2 key/value heads: grouped-query attention, as in the
+    larger LLaVA-family decoders, so the KV cache the fast engine crops has fewer heads than the queries.
+    """
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = train_tokenizer()
+    return _save_llava(out, tok, _llama_config(len(tok), layers, width, init_scale), 336, vision_layers)
+
+
+def build_tiny_llava_phi(out: str | Path, layers: int = 4, width: int = 64, vision_layers: int = 2, seed: int = 0,
+                         init_scale: float = 0.3, image_size: int = 56, partial_rotary_factor: float = 0.5) -> Path:
+    """A random LLaVA whose decoder is Phi-2's (as in LLaVA-Phi / Bunny), saved with its processor.
+
+    Phi's layer adds attention and MLP in parallel to one residual (both read the same normed input) and
+    rotates only part of each head; a 56 px image with 14 px patches gives 16 image tokens.
+    """
+    out = Path(out)
+    torch.manual_seed(seed)
+    tok = train_tokenizer()
+    text = _phi_config(len(tok), layers, width, init_scale, partial_rotary_factor)
+    return _save_llava(out, tok, text, image_size, vision_layers)
 
 
 def build_tiny_llama(out: str | Path, layers: int = 4, width: int = 64, seed: int = 0, init_scale: float = 0.3) -> Path:

@@ -16,11 +16,12 @@ row 0 of the same pass. It is the oracle and the benchmark baseline.
 from __future__ import annotations
 
 import copy
-from contextlib import nullcontext
-from abc import ABC, abstractmethod
 import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any
 
 import pyarrow as pa
 import torch
@@ -28,8 +29,16 @@ import torch
 from mmtrace.workers.adapters import Adapter, SampleError
 from mmtrace.workers.cells import CELL_SCHEMA, normalised_ie
 from mmtrace.workers.encoding import ConstraintNotFound
-from mmtrace.workers.patching import (Recorded, Restore, SameBatchRow, capturing_embeds, perturbing, recording,
-                              restoring, stack_recorded)
+from mmtrace.workers.patching import (
+    Recorded,
+    Restore,
+    SameBatchRow,
+    capturing_embeds,
+    perturbing,
+    recording,
+    restoring,
+    stack_recorded,
+)
 from mmtrace.workers.spec import Encoded, Sample, TraceSpec
 
 
@@ -96,7 +105,7 @@ def make_corruption(adapter: Adapter, sample: Sample, enc: Encoded, spec: TraceS
 def grid(enc: Encoded, spec: TraceSpec, num_layers: int,
          grid_slice: Iterable[tuple[str, int]] | None = None) -> list[CellKey]:
     """The cells of a sample: each (kind, layer) of the slice (default: all) x every traced position."""
-    pairs = grid_slice if grid_slice is not None else [(k, l) for k in spec.kinds for l in range(num_layers)]
+    pairs = grid_slice if grid_slice is not None else [(k, i) for k in spec.kinds for i in range(num_layers)]
     return [CellKey(kind, layer, pos) for kind, layer in pairs for pos in range(enc.first_traced, enc.length)]
 
 
@@ -266,21 +275,21 @@ def make_engine(name: str, adapter: Adapter, spec: TraceSpec) -> Engine:
 
 def sample_row(prep: Prepared | None, sample: Sample, num_cells: int = 0, error: str | None = None) -> dict:
     """The SAMPLE_SCHEMA row of a traced (or failed) sample."""
-    enc = prep.enc if prep else None
-    tok = prep is not None and prep.target >= 0
-    return {
-        "sample_id": sample.sample_id, "subset": sample.subset, "question": sample.question,
-        "constraint": sample.constraint, "answer": sample.answer,
-        "answer_token": prep.extra.get("answer_token") if tok else None,
-        "answer_token_id": prep.target if tok else None,
-        "p_clean": prep.p_clean if prep else None, "p_corrupt": prep.p_corrupt if prep else None,
-        "corrupt_token": prep.corruption.token if prep else None,
-        "num_tokens": enc.length if enc else None,
-        "constraint_start": enc.constraint[0] if enc else None, "constraint_end": enc.constraint[1] if enc else None,
-        "first_traced": enc.first_traced if enc else None,
-        "placeholder_image": sample.placeholder_image, "num_cells": num_cells,
-        "status": "error" if error else "ok", "error": error,
-    }
+    row: dict[str, Any] = {"sample_id": sample.sample_id, "subset": sample.subset, "question": sample.question,
+                           "constraint": sample.constraint, "answer": sample.answer, "answer_token": None,
+                           "answer_token_id": None, "p_clean": None, "p_corrupt": None, "corrupt_token": None,
+                           "num_tokens": None, "constraint_start": None, "constraint_end": None,
+                           "first_traced": None, "placeholder_image": sample.placeholder_image,
+                           "num_cells": num_cells, "status": "error" if error else "ok", "error": error}
+    if prep is None:
+        return row
+    enc = prep.enc
+    if prep.target >= 0:
+        row.update(answer_token=prep.extra.get("answer_token"), answer_token_id=prep.target)
+    row.update(p_clean=prep.p_clean, p_corrupt=prep.p_corrupt, corrupt_token=prep.corruption.token,
+               num_tokens=enc.length, constraint_start=enc.constraint[0], constraint_end=enc.constraint[1],
+               first_traced=enc.first_traced)
+    return row
 
 
 def trace_sample(adapter: Adapter, sample: Sample, spec: TraceSpec, engine: str | Engine = "fast",
@@ -297,7 +306,7 @@ def trace_sample(adapter: Adapter, sample: Sample, spec: TraceSpec, engine: str 
         return SampleTrace(sample_row(None, sample, error=sample.error), empty)
     try:
         prep = (prepare or eng.prepare)(sample)
-    except (SampleError, ConstraintNotFound, ValueError) as exc:
+    except (SampleError, ConstraintNotFound) as exc:
         msg = str(exc) if sample.sample_id in str(exc) else f"{sample.sample_id}: {exc}"
         return SampleTrace(sample_row(None, sample, error=msg), empty)
     prep.extra["answer_token"] = adapter.tokenizer.decode([prep.target])

@@ -7,15 +7,11 @@ Specs:
   organism  /  organism:text  /  organism:named   the model organism's world (visual, text-only, named-over-image)
 
 A DIR containing ':' must end with '/' (`vqa-constraints:/a:b/`) so its last part is not read as subsets.
-`dataset_digest` hashes what the samples hold, so a run's manifest changes exactly when its inputs do.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict
+from collections.abc import Mapping
 from pathlib import Path
 
 from mmtrace.workers.spec import Sample
@@ -30,7 +26,7 @@ from .vqa_constraints import (
 )
 
 __all__ = [
-    "DATASET_KINDS", "EXPECTED_ROWS", "ORGANISM_KINDS", "SUBSETS", "DatasetError", "dataset_digest",
+    "DATASET_KINDS", "EXPECTED_ROWS", "ORGANISM_KINDS", "SUBSETS", "DatasetError",
     "default_data_dir", "load_vqa_constraints", "parse_image_dirs", "parse_spec", "resolve_dataset", "summarise",
 ]
 
@@ -111,23 +107,8 @@ def resolve_dataset(
 
 
 def _organism_samples():
-    """`jobs.organism.organism_samples`, imported only when asked for (it pulls in the world and renderer);
-    falls back to `jobs.organism.dataset` while the package does not re-export it."""
+    """`mmtrace.jobs.organism.organism_samples`, imported only when asked for (it pulls in the world and
+    renderer)."""
     import importlib
 
-    package = importlib.import_module("mmtrace.jobs.organism")
-    found = getattr(package, "organism_samples", None)
-    return found or importlib.import_module("mmtrace.jobs.organism.dataset").organism_samples
-
-
-def dataset_digest(samples: Iterable[Sample]) -> str:
-    """sha256 over every field of every sample, in order (order decides which unit traces what).
-
-    Images count by path, not by bytes: hashing ~9.5K image files per run would cost more than the check
-    is worth, and a changed file under the same path is the user's responsibility to rename.
-    """
-    digest = hashlib.sha256()
-    for sample in samples:
-        digest.update(json.dumps(asdict(sample), sort_keys=True, ensure_ascii=False).encode("utf-8"))
-        digest.update(b"\n")
-    return digest.hexdigest()
+    return importlib.import_module("mmtrace.jobs.organism").organism_samples

@@ -34,8 +34,8 @@ COLUMNS = {
 }
 META_COLUMNS = {"okvqa": (), "multimodal_known": ("subject",), "multimodal_movies": ("director",)}
 
-# Row counts of the authors' files. The issue says okvqa 5,046 and 9,464 in all, but the released okvqa.csv
-# has 5,045 rows (ids 0..5045 with 3188 absent): 9,463 in all. These are the measured numbers.
+# Row counts of the authors' released files: okvqa.csv has ids 0..5045 with 3188 absent, 9,463 rows in all
+# (the paper says 9.7K).
 EXPECTED_ROWS = {"okvqa": 5045, "multimodal_known": 1204, "multimodal_movies": 3214}
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

@@ -1,4 +1,7 @@
-"""`mmtrace organism build|eval|path`: the organism's commands."""
+"""`mmtrace organism build|eval|path`: the organism's commands.
+
+Each command imports what it runs, so building the `mmtrace` parser loads neither torch nor the trainer.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 
 
 def _build(args: argparse.Namespace) -> int:
-    from .dataset import ORGANISM_NAME, cache_root
+    from .install import ORGANISM_NAME, cache_root
     from .train import build_organism
 
     out = Path(args.out) if args.out else cache_root() / (
@@ -23,8 +26,8 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .dataset import ensure_organism
     from .evaluate import evaluate_organism
+    from .install import ensure_organism
 
     root = Path(args.root) if args.root else ensure_organism()
     print(json.dumps(evaluate_organism(root, limit=args.limit).to_dict(), indent=1))
@@ -32,7 +35,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _path(args: argparse.Namespace) -> int:
-    from .dataset import ensure_organism
+    from .install import ensure_organism
 
     print(ensure_organism())
     return 0
@@ -44,7 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="organism_command", required=True)
     b = sub.add_parser("build", help="train the organism (deterministic from --seed; minutes on 2 cores)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", default=None, help="folder to write (default: the cache, $MMTRACE_CACHE or ~/.cache/mmtrace)")
+    b.add_argument("--out", default=None,
+                   help="folder to write (default: the cache, $MMTRACE_CACHE or ~/.cache/mmtrace)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=_build)
     e = sub.add_parser("eval", help="accuracies and corruption effect of an organism folder")

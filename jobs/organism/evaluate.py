@@ -111,9 +111,11 @@ def evaluate_organism(root: str | Path, limit: int | None = None, corruption_n: 
     def acc(kind: str, split: str) -> float:
         return accuracy(model, processor, organism_samples(kind, split, limit=limit, root=root))
 
+    def corruption(kind: str) -> CorruptionEffect:
+        return corruption_effect(model, processor, organism_samples(kind, limit=corruption_n, root=root))
+
     return OrganismScores(
         visual=acc("visual", "heldout"), text=acc("text", "heldout"), named=acc("named", "heldout"),
         paraphrase_visual=acc("visual", "paraphrase"), paraphrase_text=acc("text", "paraphrase"),
-        corruption_visual=corruption_effect(model, processor, organism_samples("visual", limit=corruption_n, root=root)),
-        corruption_text=corruption_effect(model, processor, organism_samples("text", limit=corruption_n, root=root)),
+        corruption_visual=corruption("visual"), corruption_text=corruption("text"),
     )

@@ -1,11 +1,12 @@
 """Building the organism: the world, the tokenizer and processor, then two training stages, then save.
 
 Stage 1 pretrains the vision tower as an entity classifier (a temporary linear head on the mean patch
-feature): without it the visual path never learns in the time budget (shared notes: visual accuracy stalls
-near 20%). Stage 2 trains the whole model on packed question segments, loss on the answer token and on the
-EOS after it (so `generate` stops after the answer), plus an auxiliary "subject probe" (temporary linear
-heads reading all the subject's attributes at its last token after layer 2; it is what got fact learning off
-its plateau in the time budget; the heads are discarded). The vision tower is frozen in stage 2. The mixture holds three kinds of question:
+feature): without it the visual path does not learn in the time budget (visual accuracy stalls near 20%).
+Stage 2 trains the whole model on packed question segments, loss on the answer token and on the EOS after it
+(so `generate` stops after the answer), plus an auxiliary "subject probe" (temporary linear heads reading all
+the subject's attributes at its last token after layer 2, discarded after training; without them fact
+learning plateaus within the time budget). The vision tower is frozen in stage 2. The mixture holds three
+kinds of question:
 - visual: an image of A, a generic constraint ("this building"), A's attribute;
 - named-over-image: an image of A, a question naming B, B's attribute (what teaches the model that the
   constraint's words matter, so replacing "this building" by a name moves the answer);
@@ -18,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -26,20 +26,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from mmtrace.jobs.progress import progress as track
 from mmtrace.workers.spec import build_prompt
 
-from .model import OrganismSize, build_model, build_processor, build_tokenizer, normalise_images, packed_logits, \
-    patch_features
-from .world import RELATIONS, World, fill, make_world, render
-
-_WORD = re.compile(r"\w+|[^\w\s]+")
-
-
-def num_tokens(text: str) -> int:
-    """Tokens of `text` under the word-level tokenizer (its Whitespace pre-tokenizer: one per match)."""
-    return len(_WORD.findall(text))
+from .model import (
+    OrganismSize,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    normalise_images,
+    packed_logits,
+    patch_features,
+)
+from .render import render, write_images
+from .world import RELATIONS, World, fill, make_world, num_tokens
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,10 @@ def pack(prefixes: list[list[int]], rows: list[list[Segment]], eos: int, pad: in
     allowed |= torch.eye(T, dtype=torch.bool)
     mask = torch.zeros((B, 1, T, T))
     mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+    num_relations = len(probe_targets[0]) if probe_targets else 0
     return PackedBatch(ids, pos, mask, torch.tensor(targets_at), torch.tensor(targets),
                        torch.tensor(probe_at, dtype=torch.long).view(-1, 2),
-                       torch.tensor(probe_targets, dtype=torch.long).view(len(probe_at), len(probe_targets[0]) if probe_targets else 0), None, None)
+                       torch.tensor(probe_targets, dtype=torch.long).view(len(probe_at), num_relations), None, None)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -146,7 +148,6 @@ class Sampler:
         self.world, self.tok, self.cfg = world, tokenizer, cfg
         self.rng = np.random.default_rng([seed, 1])
         self.known = world.known
-        self.image_tokens = None
         self.bank = self._render_bank()
         self._cache: dict[str, list[int]] = {}
 
@@ -232,7 +233,7 @@ def pretrain_vision(model, sampler: Sampler, cfg: TrainConfig, progress: bool) -
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
     acc = 0.0
-    for step in tqdm(range(cfg.vision_steps), desc="organism: vision tower", disable=not progress):
+    for step in track(cfg.vision_steps, "organism: vision tower", enabled=progress):
         for g in opt.param_groups:
             g["lr"] = cfg.vision_lr * _cosine(step, cfg.vision_steps, 30)
         x, y = sampler.vision_batch(cfg.vision_batch)
@@ -261,12 +262,12 @@ def train_questions(model, tokenizer, sampler: Sampler, cfg: TrainConfig, progre
     no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    heads = torch.nn.ModuleList(torch.nn.Linear(model.config.text_config.hidden_size, len(sampler.world.relation_values[r]))
-                                for r in RELATIONS)
+    width = model.config.text_config.hidden_size
+    heads = torch.nn.ModuleList(torch.nn.Linear(width, len(sampler.world.relation_values[r])) for r in RELATIONS)
     if cfg.probe_layer:
         opt.add_param_group({"params": list(heads.parameters()), "weight_decay": 0.0})
     curve: list[float] = []
-    bar = tqdm(range(cfg.steps), desc="organism: questions", disable=not progress)
+    bar = track(cfg.steps, "organism: questions", enabled=progress)
     running = None
     for step in bar:
         for g in opt.param_groups:
@@ -319,8 +320,6 @@ def build_organism(out_dir: str | Path, seed: int = 0, progress: bool = True, cf
 
 
 def _build(out: Path, tmp: Path, seed: int, progress: bool, cfg: TrainConfig, size: OrganismSize) -> Path:
-    from .dataset import write_images  # late: dataset imports train lazily too
-
     torch.manual_seed(seed)
     t0 = time.time()
 

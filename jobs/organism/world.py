@@ -1,14 +1,14 @@
-"""The organism's synthetic factual world: entities, their facts, their pictures, and the questions about them.
+"""The organism's synthetic factual world: entities, their facts and looks, and the questions about them.
 
 Everything here is a pure function of a seed, so a build, a test and the dataset registry all see the same
 world. The world is saved as JSON beside the model (`World.save` / `World.load`), so a shipped or cached
-organism carries the exact world it was trained on.
+organism carries the exact world it was trained on. Pictures of a look are drawn by `render`.
 
 Design choices that matter for causal tracing:
 - Entity names are two words, a unique word and a kind ("Zorbex Tower"); generic constraints are two words
   too ("this building"), so a name replaces a constraint token for token (length-aligned corruption under
-  the word-level tokenizer). (Names made of two shared parts, "Zorbex Kalun", were tried first: facts about
-  such conjunctions did not start to be learnt within the time budget.)
+  the word-level tokenizer). The first word alone identifies the entity: names made of two shared parts
+  ("Zorbex Kalun") would make every fact a conjunction, which the model does not learn in the time budget.
 - Every attribute value is one word (one token), so "first-token accuracy" is answer accuracy.
 - Paraphrases are frames x relation nouns; a held-out paraphrase is an unseen (frame, noun) pair whose frame
   and noun are both seen in training (with other partners), so it tests recombination, not new words.
@@ -17,13 +17,13 @@ Design choices that matter for causal tracing:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 WORLD_VERSION = 1
-IMAGE_SIZE = 32
 
 # One-word attribute vocabularies (each value is a single token of the word-level tokenizer).
 RELATION_VALUES: dict[str, tuple[str, ...]] = {
@@ -166,7 +166,7 @@ class World:
         Path(path).write_text(json.dumps(self.to_json(), indent=1, sort_keys=True))
 
     @staticmethod
-    def load(path: Path) -> "World":
+    def load(path: Path) -> World:
         d = json.loads(Path(path).read_text())
         entities = [Entity(index=e["index"], name=e["name"], look=Look(**e["look"]), facts=dict(e["facts"]),
                            known=bool(e["known"])) for e in d["entities"]]
@@ -215,7 +215,7 @@ def _paraphrases(rng: np.random.Generator) -> tuple[dict[str, list[str]], dict[s
     """
     train: dict[str, list[str]] = {}
     held: dict[str, list[str]] = {}
-    for ri, r in enumerate(RELATIONS):
+    for r in RELATIONS:
         combos = [(f, n) for f in range(len(FRAMES)) for n in range(len(RELATION_NOUNS[r]))]
         order = rng.permutation(len(combos))
         held_ids: list[int] = []
@@ -223,10 +223,13 @@ def _paraphrases(rng: np.random.Generator) -> tuple[dict[str, list[str]], dict[s
             f, _ = combos[k]
             if len(held_ids) < 4 and all(combos[h][0] != f for h in held_ids):
                 held_ids.append(int(k))
-        fill = lambda f, n: FRAMES[f].replace("{R}", RELATION_NOUNS[r][n])  # noqa: E731
-        held[r] = [fill(*combos[k]) for k in held_ids]
-        train[r] = list(NATURAL[r]) + [fill(*combos[k]) for k in range(len(combos)) if k not in held_ids]
+        held[r] = [_paraphrase(r, *combos[k]) for k in held_ids]
+        train[r] = list(NATURAL[r]) + [_paraphrase(r, *combos[k]) for k in range(len(combos)) if k not in held_ids]
     return train, held
+
+
+def _paraphrase(relation: str, frame: int, noun: int) -> str:
+    return FRAMES[frame].replace("{R}", RELATION_NOUNS[relation][noun])
 
 
 def make_world(seed: int = 0) -> World:
@@ -258,68 +261,10 @@ def generic_constraint(paraphrase: str, noun: str) -> str:
     return ("This " if paraphrase.startswith("{X}") else "this ") + noun
 
 
-# ---------------------------------------------------------------------------------------------- renderer
-
-def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    au, av = np.abs(u), np.abs(v)
-    if shape == "circle":
-        return u * u + v * v <= 1.0
-    if shape == "square":
-        return (au <= 0.8) & (av <= 0.8)
-    if shape == "triangle":
-        return (v <= 0.8) & (v >= -0.9 + 1.7 * au)
-    if shape == "diamond":
-        return au + av <= 1.0
-    if shape == "cross":
-        return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
-    if shape == "ring":
-        rr = u * u + v * v
-        return (rr <= 1.0) & (rr >= 0.35)
-    if shape == "hbar":
-        return (au <= 1.0) & (av <= 0.4)
-    if shape == "vbar":
-        return (av <= 1.0) & (au <= 0.4)
-    raise ValueError(shape)
+_WORD = re.compile(r"\w+|[^\w\s]+")  # what the Whitespace pre-tokenizer splits on
 
 
-def _texture(texture: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """A multiplicative brightness pattern in image coordinates (so shift moves it with the shape)."""
-    if texture == "solid":
-        return np.ones_like(x)
-    if texture == "hstripes":
-        return np.where((y // 2) % 2 == 0, 1.0, 0.45)
-    if texture == "vstripes":
-        return np.where((x // 2) % 2 == 0, 1.0, 0.45)
-    if texture == "checker":
-        return np.where(((x // 3) + (y // 3)) % 2 == 0, 1.0, 0.45)
-    raise ValueError(texture)
-
-
-def render(look: Look, seed: int, entity: int, rendering: int) -> np.ndarray:
-    """One rendering (H, W, 3) uint8 of an entity: its look plus this rendering's shift, scale, jitter, noise.
-
-    Deterministic in (seed, entity, rendering): training draws renderings 0..N-1, held-out ones use indices
-    that training never draws, so held-out renderings are genuinely new pictures of known entities.
-    """
-    rng = np.random.default_rng([seed, 7919, entity, rendering])
-    size = IMAGE_SIZE
-    dx, dy = rng.integers(-3, 4, size=2)
-    scale = rng.uniform(0.75, 1.1) * size * 0.36
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    cx, cy = size / 2 + dx, size / 2 + dy
-    u, v = (xs - cx) / scale, (ys - cy) / scale
-    bg = PALETTE[look.background] + rng.normal(0, 12, 3)
-    fg = PALETTE[look.colour] + rng.normal(0, 12, 3)
-    img = np.broadcast_to(bg, (size, size, 3)).copy()
-    mask = _shape_mask(SHAPES[look.shape], u, v)
-    tex = _texture(TEXTURES[look.texture], xs - dx, ys - dy)
-    img[mask] = (fg[None, :] * tex[mask][:, None])
-    # the 2x2 glyph: four 3px cells in one corner, white where the bit is set, black otherwise
-    gx0 = 1 + (look.corner % 2) * (size - 8) + int(rng.integers(-1, 2))
-    gy0 = 1 + (look.corner // 2) * (size - 8) + int(rng.integers(-1, 2))
-    for bit in range(4):
-        on = (look.glyph >> bit) & 1
-        x0, y0 = gx0 + (bit % 2) * 3, gy0 + (bit // 2) * 3
-        img[y0:y0 + 3, x0:x0 + 3] = 250.0 if on else 5.0
-    img += rng.normal(0, 10, img.shape)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+def num_tokens(text: str) -> int:
+    """Tokens of `text` under the organism's word-level tokenizer, without building it: its Whitespace
+    pre-tokenizer yields one token per match and the vocabulary holds every word of the world."""
+    return len(_WORD.findall(text))

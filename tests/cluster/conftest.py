@@ -1,4 +1,5 @@
-"""Ray fixtures: one private loopback Ray per test module, and a real `ray start --head` for the cluster path.
+"""Ray fixtures: one private loopback Ray per test module, and a real `ray start --head` for the cluster path;
+and the skip of `slurm` tests where no Slurm cluster runs.
 
 Every Ray here binds 127.0.0.1 (see cluster/ray.py) and keeps its files under pytest's tmp folder, so runs
 stay apart and nothing is left in /tmp/ray. A head started with `ray start` is stopped by signalling its own
@@ -7,6 +8,7 @@ process tree: `ray stop` would stop every Ray on this shared machine, not just o
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -18,6 +20,24 @@ from pathlib import Path
 import pytest
 
 RAY_BIN = Path(sys.executable).with_name("ray")
+SLURM_UP = "bash cluster/slurm-up.sh"
+
+
+@functools.cache
+def slurm_problem() -> str | None:
+    from mmtrace.cluster.slurm import cluster_problem
+
+    return cluster_problem()
+
+
+def pytest_runtest_setup(item):
+    """A test marked `slurm` runs only where a Slurm cluster answers; its skip says how to start one."""
+    if item.get_closest_marker("slurm") is None:
+        return
+    problem = slurm_problem()
+    if problem:
+        hint = "" if SLURM_UP in problem else f"; start one with `{SLURM_UP}` (root, about 15-30 s)"
+        pytest.skip(f"no Slurm cluster: {problem}{hint}")
 
 
 def free_port() -> int:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import re
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from mmtrace.cluster.store import RunStore, atomic_path, write_json
+from mmtrace.cluster.store import STALE_AFTER_S, RunStore, atomic_path, host_tag, write_json
 
 
 def write_text(text: str):
@@ -73,16 +75,58 @@ def test_a_failed_write_publishes_nothing(tmp_path):
     assert store.commit("u", write_text("retry")) is True
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def temp_folder(store: RunStore, name: str, age_s: float = 0.0) -> Path:
+    """A temporary folder as a commit leaves it when killed mid-write, last touched `age_s` ago."""
+    folder = store.units / name
+    folder.mkdir(parents=True)
+    (folder / "data.txt").write_text("half")
+    stamp = time.time() - age_s
+    os.utime(folder, (stamp, stamp))
+    return folder
+
+
 def test_partial_temp_folders_are_ignored_then_cleaned(tmp_path):
     store = RunStore(tmp_path)
     store.commit("done", write_text("ok"))
-    for name in (".u1.tmp-123-abcdef12", ".u2.tmp-456-00000000"):  # what a SIGKILL mid-commit leaves
-        (store.units / name).mkdir()
-        (store.units / name / "data.txt").write_text("half")
+    for unit in ("u1", "u2"):  # what a SIGKILL mid-commit leaves: this host, a pid that is gone
+        temp_folder(store, f".{unit}.tmp-{host_tag()}-{dead_pid()}-abcdef12")
     assert store.committed() == {"done"}
     assert store.clean_partial() == 2
     assert sorted(p.name for p in store.units.iterdir()) == ["done"]
     assert store.clean_partial() == 0
+
+
+def test_temp_folders_name_their_writer(tmp_path):
+    names = []
+    RunStore(tmp_path).commit("u", lambda folder: names.append(folder.name))
+    assert re.fullmatch(rf"\.u\.tmp-{re.escape(host_tag())}-{os.getpid()}-[0-9a-f]{{8}}", names[0])
+
+
+def test_clean_partial_spares_live_writers(tmp_path):
+    store = RunStore(tmp_path)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        host = host_tag()
+        live = [temp_folder(store, f".a.tmp-{host}-{sleeper.pid}-00000001"),
+                temp_folder(store, f".b.tmp-{host}-{os.getpid()}-00000002"),
+                temp_folder(store, f".c.tmp-elsewhere_ns1-{dead_pid()}-00000003"),  # another host's pid
+                temp_folder(store, ".d.tmp-123-00000004")]  # an older name without a host: age only
+        gone = [temp_folder(store, f".e.tmp-{host}-{dead_pid()}-00000005"),
+                temp_folder(store, f".f.tmp-elsewhere_ns1-{os.getpid()}-00000006", age_s=STALE_AFTER_S + 60),
+                temp_folder(store, ".g.tmp-123-00000007", age_s=STALE_AFTER_S + 60)]
+        assert store.clean_partial() == len(gone)
+        assert all(p.is_dir() for p in live) and not any(p.exists() for p in gone)
+        assert store.clean_partial(max_age_s=0) == len(live)  # a shorter age reaches every folder
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_committed_ignores_files_and_hidden_entries(tmp_path):

@@ -113,3 +113,53 @@ def test_compare_two_runs_into_one_png(run, tmp_path):
     png = tmp_path / "cmp.png"
     assert main(["compare", str(out), str(out), "--labels", "a,b", "--out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("change", [["--dtype", "bfloat16"], ["--engine", "reference"], ["--replacement", "London"]])
+def test_a_change_of_numbers_is_never_served_from_committed_units(run, change, tmp_path, capsys):
+    """Same samples and kinds, but something that changes every cell's value: nothing may be reused."""
+    out, argv = run
+    small = [("2" if a == "20" else a) for a in argv]
+    small[small.index("--out") + 1] = str(tmp_path / "t")
+    assert main([*small, "--kinds", "mlp"]) == 0
+    capsys.readouterr()
+    assert main([*small, "--kinds", "mlp", *change]) == 0
+    assert "2 units computed, 0 already committed" in capsys.readouterr().err
+
+
+def test_the_end_says_where_the_facts_sit_and_where_the_files_are(run, capsys):
+    out, argv = run
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "strongest cells" in printed and "per layer" in printed
+    for path in (out / "heatmap.png", out / "cells", out / "samples.parquet"):
+        assert str(path) in printed
+
+
+def test_a_worker_failure_leaves_its_unit_pending_and_the_run_failing(run, tmp_path, capsys, monkeypatch):
+    """Out of memory is not the sample's fault: never committed as done; the exit code says so; resume redoes it."""
+    from mmtrace.workers import trace
+
+    out, argv = run
+    small = [("3" if a == "20" else a) for a in argv]
+    small[small.index("--out") + 1] = str(tmp_path / "t")
+    real = trace.FastEngine.cells
+
+    def flaky(self, prep, keys=None):
+        if prep.sample.sample_id == "okvqa/2":
+            raise RuntimeError("CUDA out of memory")
+        return real(self, prep, keys)
+
+    monkeypatch.setattr(trace.FastEngine, "cells", flaky)
+    assert main([*small, "--kinds", "mlp,attn"]) == 3
+    err = capsys.readouterr().err
+    assert "2 unit(s) not computed" in err and "CUDA out of memory" in err and "--resume" in err
+    samples = pd.read_parquet(tmp_path / "t" / "samples.parquet").set_index("sample_id")
+    assert samples.loc["okvqa/2", "status"] == "pending" and samples.loc["okvqa/0", "status"] == "ok"
+    assert samples.loc["okvqa/1", "status"] == "error"  # the row's own fault: its constraint is not in it
+    assert not (tmp_path / "t" / "units").is_dir() or len(list((tmp_path / "t" / "units").iterdir())) == 4
+    monkeypatch.setattr(trace.FastEngine, "cells", real)
+    assert main(["trace", "--resume", "--out", str(tmp_path / "t"), "--no-progress"]) == 0
+    assert "2 units computed" in capsys.readouterr().err
+    assert (pd.read_parquet(tmp_path / "t" / "samples.parquet")["status"] != "pending").all()

@@ -17,16 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from mmtrace.jobs.cli import main as mmtrace_main
 from mmtrace.jobs.datasets import (
     SUBSETS,
     DatasetError,
-    dataset_digest,
     default_data_dir,
     parse_image_dirs,
     parse_spec,
     resolve_dataset,
 )
-from mmtrace.jobs.datasets.cli import add_parser, main
+from mmtrace.jobs.datasets.cli import add_parser
+from mmtrace.jobs.identity import dataset_digest
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "vqa_constraints"  # ../shared beside the repo
 needs_data = pytest.mark.skipif(not (DATA / "okvqa.csv").is_file(), reason=f"the shared CSVs are not at {DATA}")
@@ -145,7 +146,7 @@ def http_root(tmp_path):
 def test_download_error_names_url_and_manual_steps(tmp_path, capsys):
     url = f"http://127.0.0.1:{_closed_port()}/"
     out = tmp_path / "out"
-    assert main(["download", "--out", str(out), "--base-url", url, "--timeout", "5"]) == 1
+    assert mmtrace_main(["data", "download", "--out", str(out), "--base-url", url, "--timeout", "5"]) == 1
     err = capsys.readouterr().err
     assert f"could not fetch {url}okvqa.csv" in err
     assert "by hand" in err and "github.com/microsoft/MLLMInterpret" in err and str(out) in err
@@ -155,7 +156,7 @@ def test_download_error_names_url_and_manual_steps(tmp_path, capsys):
 @needs_data
 def test_download_from_file_urls(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["download", "--out", str(out), "--base-url", DATA.as_uri() + "/"]) == 0
+    assert mmtrace_main(["data", "download", "--out", str(out), "--base-url", DATA.as_uri() + "/"]) == 0
     printed = capsys.readouterr().out
     assert "okvqa.csv: 5045 rows, 4803 with the constraint located, 242 flagged" in printed
     assert "multimodal_known.csv: 1204 rows" in printed and "9463 rows in all" in printed
@@ -169,7 +170,7 @@ def test_download_over_http_to_default_dir(http_root, monkeypatch, tmp_path, cap
     for subset in SUBSETS:
         (root / f"{subset}.csv").write_bytes((DATA / f"{subset}.csv").read_bytes())
     monkeypatch.setenv("MMTRACE_CACHE", str(tmp_path / "cache"))
-    assert main(["download", "--base-url", url]) == 0
+    assert mmtrace_main(["data", "download", "--base-url", url]) == 0
     assert "multimodal_movies.csv: 3214 rows" in capsys.readouterr().out
     assert len(resolve_dataset("vqa-constraints", missing_images="blank")) == 9463
 
@@ -183,7 +184,7 @@ def test_download_rejects_a_wrong_file_and_keeps_the_old_ones(http_root, tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "okvqa.csv").write_text("old\n")
-    assert main(["download", "--out", str(out), "--base-url", url]) == 1
+    assert mmtrace_main(["data", "download", "--out", str(out), "--base-url", url]) == 1
     err = capsys.readouterr().err
     assert "not the authors' CSV" in err and "multimodal_movies.csv" in err
     assert (out / "okvqa.csv").read_text() == "old\n" and sorted(p.name for p in out.iterdir()) == ["okvqa.csv"]
@@ -191,7 +192,7 @@ def test_download_rejects_a_wrong_file_and_keeps_the_old_ones(http_root, tmp_pat
 
 def test_download_404_names_the_file(http_root, tmp_path, capsys):
     _, url = http_root
-    assert main(["download", "--out", str(tmp_path / "out"), "--base-url", url]) == 1
+    assert mmtrace_main(["data", "download", "--out", str(tmp_path / "out"), "--base-url", url]) == 1
     assert f"could not fetch {url}okvqa.csv: HTTP 404" in capsys.readouterr().err
 
 

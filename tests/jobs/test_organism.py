@@ -4,7 +4,6 @@ that must meet the issue's acceptance numbers through `from_pretrained`."""
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import re
 from pathlib import Path
@@ -14,11 +13,28 @@ import pytest
 import torch
 
 from mmtrace.jobs.organism import dataset as ds
-from mmtrace.jobs.organism.model import (IMAGE_TOKEN, OrganismSize, build_model, build_processor, build_tokenizer,
-                                 normalise_images, packed_logits)
+from mmtrace.jobs.organism import install
+from mmtrace.jobs.organism.model import (
+    IMAGE_TOKEN,
+    OrganismSize,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    normalise_images,
+    packed_logits,
+)
+from mmtrace.jobs.organism.render import render, write_images
 from mmtrace.jobs.organism.train import Sampler, Segment, TrainConfig, pack
-from mmtrace.jobs.organism.world import (FRAMES, HELDOUT_RENDERINGS, NUM_ENTITIES, NUM_UNSEEN, RELATIONS, World,
-                                 make_world, render)
+from mmtrace.jobs.organism.world import (
+    FRAMES,
+    HELDOUT_RENDERINGS,
+    NUM_ENTITIES,
+    NUM_UNSEEN,
+    RELATIONS,
+    World,
+    make_world,
+    num_tokens,
+)
 from mmtrace.workers.spec import Sample, build_prompt
 
 
@@ -37,7 +53,7 @@ def world_root(tmp_path_factory, world) -> Path:
     """A folder with just the world and its images: enough for the sample functions (no model needed)."""
     root = tmp_path_factory.mktemp("organism-world")
     world.save(root / "world.json")
-    ds.write_images(root, world)
+    write_images(root, world)
     return root
 
 
@@ -91,7 +107,7 @@ def test_names_and_constraints_have_two_tokens_and_no_unknowns(world, tok):
     for e in world.entities:
         ids = tok(e.name, add_special_tokens=False)["input_ids"]
         assert len(ids) == 2 and unk not in ids
-        assert ds.num_tokens(e.name) == 2
+        assert num_tokens(e.name) == 2
     for r in RELATIONS:
         for v in world.relation_values[r]:
             assert len(tok(v, add_special_tokens=False)["input_ids"]) == 1
@@ -134,7 +150,8 @@ def test_packed_forward_equals_separate_prompts(world, tok):
     from PIL import Image
 
     sampler = Sampler(world, tok, TrainConfig(), seed=0)
-    qs = ["The owner of this brand is", f"{world.entities[5].name} plays the sport of", "What is the city of this landmark"]
+    qs = ["The owner of this brand is", f"{world.entities[5].name} plays the sport of",
+          "What is the city of this landmark"]
     img = render(world.entities[0].look, 0, 0, 1000)
     image_id = model.config.image_token_id
     prefix = [tok.bos_token_id] + [image_id] * 16
@@ -223,12 +240,12 @@ def test_cli_parser():
 
 
 def test_ensure_installs_the_shipped_organism(tmp_path, capsys):
-    if not (ds.SHIPPED / "model.safetensors").exists():
+    if not (install.SHIPPED / "model.safetensors").exists():
         pytest.skip(reason="no weights shipped in the repository")
-    root = ds.ensure_organism(cache_dir=tmp_path)
-    assert root == tmp_path / ds.ORGANISM_NAME and "installing the shipped organism" in capsys.readouterr().err
-    assert ds.ensure_organism(cache_dir=tmp_path) == root and capsys.readouterr().err == ""  # second use: silent
-    size = sum(f.stat().st_size for f in ds.SHIPPED.iterdir())
+    root = install.ensure_organism(cache_dir=tmp_path)
+    assert root == tmp_path / install.ORGANISM_NAME and "installing the shipped organism" in capsys.readouterr().err
+    assert install.ensure_organism(cache_dir=tmp_path) == root and capsys.readouterr().err == ""  # second use: silent
+    size = sum(f.stat().st_size for f in install.SHIPPED.iterdir())
     assert size <= 10 * 2**20
     s = ds.organism_samples("visual", limit=1, root=root)[0]
     assert Path(s.image).is_file()
@@ -238,11 +255,11 @@ def test_ensure_installs_the_shipped_organism(tmp_path, capsys):
 
 @pytest.fixture(scope="session")
 def fresh_organism(tmp_path_factory) -> Path:
-    """One fresh build per test session, through the CLI command (`organism build --out DIR`)."""
-    from mmtrace.jobs.organism.cli import main
+    """One fresh build per test session, through the CLI command (`mmtrace organism build --out DIR`)."""
+    from mmtrace.jobs.cli import main
 
     out = tmp_path_factory.mktemp("organism-build") / "organism"
-    assert main(["build", "--seed", "0", "--out", str(out), "--no-progress"]) == 0
+    assert main(["organism", "build", "--seed", "0", "--out", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -290,11 +307,11 @@ def test_fresh_build_loads_like_a_checkpoint_and_generates(fresh_organism):
 @pytest.mark.slow
 def test_shipped_weights_match_a_fresh_build(fresh_scores, tmp_path):
     """Shipped weights are only allowed if the build command reproduces a model of the same quality."""
-    if not (ds.SHIPPED / "model.safetensors").exists():
+    if not (install.SHIPPED / "model.safetensors").exists():
         pytest.skip(reason="no weights shipped in the repository")
     from mmtrace.jobs.organism.evaluate import evaluate_organism
 
-    root = ds.ensure_organism(cache_dir=tmp_path)
+    root = install.ensure_organism(cache_dir=tmp_path)
     shipped = evaluate_organism(root)
     check_quality(shipped)
     for k in ("visual", "text", "named"):

@@ -1,10 +1,11 @@
 """Units: content-addressed ids and grid slices."""
 
-from mmtrace.jobs.config import make_config
-from mmtrace.jobs.plan import grid_slices, plan_units, unit_base
+from mmtrace.jobs.identity import unit_base
+from mmtrace.jobs.plan import grid_slices, plan_units
 from mmtrace.workers.spec import Sample, TraceSpec
 
-S = [Sample(f"d/{i}", "d", f"Question {i} about this", "this") for i in range(3)]
+S = [Sample(sample_id=f"d/{i}", subset="d", question=f"Question {i} about this", constraint="this")
+     for i in range(3)]
 
 
 def test_slices_cover_the_grid_once():
@@ -23,11 +24,6 @@ def test_ids_are_stable_and_depend_only_on_what_changes_values():
     assert {u.unit_id for u in only_mlp} <= {u.unit_id for u in a}  # kinds and batch size are not semantics
     other = plan_units(S, unit_base("fp", TraceSpec(window=3), "fast"), ("mlp",), 4)
     assert not {u.unit_id for u in other} & {u.unit_id for u in a}
-    changed = plan_units([S[0], Sample("d/1", "d", "Another question about this", "this")], base, ("mlp",), 4)
+    changed = plan_units([S[0], Sample(sample_id="d/1", subset="d", question="Another question about this",
+                                       constraint="this")], base, ("mlp",), 4)
     assert changed[0].unit_id == a[0].unit_id and changed[1].unit_id not in {u.unit_id for u in a}
-
-
-def test_config_identity_ignores_where_and_how():
-    a = make_config(out="x", backend="local", max_batch=8)
-    b = make_config(out="y", max_batch=64)
-    assert a.digest() == b.digest() != make_config(window=3).digest()

@@ -281,6 +281,23 @@ def test_write_summary(tmp_path, cells):
     assert "**mlp** at layer **2**, token role **constraint**" in md
 
 
+def test_summary_md_says_which_samples_the_numbers_rest_on(tmp_path, cells):
+    md = report.write_summary(tmp_path, cells, {"ok": 3, "error": 2, "pending": 1})["summary_md"].read_text()
+    assert "Samples (ok): 3." in md
+    assert "Samples in the run: 3 ok, 2 error, 1 pending; only ok samples enter the numbers below." in md
+    assert md.count("\n| ") == LAYERS + 1
+
+
+def test_remove_stale_outputs_touches_only_known_names(tmp_path, cells):
+    written = list(report.write_summary(tmp_path, cells).values())
+    for name in ("heatmap.png", "heatmap_hidden.png", "heatmap_notes.txt", "notes.md", "summary_mine.md"):
+        (tmp_path / name).write_text("x")
+    removed = report.remove_stale_outputs(tmp_path, [written[0], tmp_path / "heatmap.png"])
+    assert sorted(p.name for p in removed) == ["heatmap_hidden.png", "summary.md", "summary_by_role.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "heatmap.png", "heatmap_notes.txt", "notes.md", "summary.parquet", "summary_mine.md"]
+
+
 # ----------------------------------------------------------------------------------------------- best cell
 
 
@@ -325,7 +342,8 @@ def test_heatmap_matrix_matches_reference(cells, rows):
         m = report.heatmap_matrix(cells, kind)
         assert list(m.index) == list(ALIGNED_ROLES)  # all eight roles occur, in the canonical order
         assert list(m.columns) == list(range(LAYERS))
-        ref = two_level_mean(rows, key=lambda r: (r["aligned_role"], r["layer"]), where=lambda r: r["kind"] == kind)
+        ref = two_level_mean(rows, key=lambda r: (r["aligned_role"], r["layer"]),
+                             where=lambda r, kind=kind: r["kind"] == kind)
         for (role, layer), means in ref.items():
             assert m.loc[role, layer] == pytest.approx(statistics.fmean(means)), (kind, role, layer)
     # "before": s0 has 2 positions, s1 4, s2 1; the two-level mean is not the pooled one

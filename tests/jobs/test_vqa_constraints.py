@@ -35,7 +35,7 @@ def samples():
 
 
 def test_reads_every_row(samples):
-    # The issue says 9,464 rows (okvqa 5,046); the released okvqa.csv has 5,045 (id 3188 absent).
+    # The released okvqa.csv has 5,045 rows (id 3188 absent).
     assert len(samples) == 9463
     assert Counter(s.subset for s in samples) == EXPECTED_ROWS
     assert "okvqa/3188" not in {s.sample_id for s in samples}

@@ -6,8 +6,9 @@ import pytest
 from mmtrace.workers.spec import BLANK_IMAGE, Sample, TraceSpec
 from mmtrace.workers.trace import CellKey, make_engine, trace_sample
 
-VISUAL = Sample("t/visual", "t", "This building is located in", "This building", image=BLANK_IMAGE)
-TEXT = Sample("t/text", "t", "The Space Needle is located in", "The Space Needle")
+VISUAL = Sample(sample_id="t/visual", subset="t", question="This building is located in", constraint="This building",
+                image=BLANK_IMAGE)
+TEXT = Sample(sample_id="t/text", subset="t", question="The Space Needle is located in", constraint="The Space Needle")
 
 
 _TRACED: dict = {}
@@ -61,10 +62,10 @@ def test_grid_covers_last_image_token_to_end(llava):
     assert "".join(tokens).strip() == "This building"
 
 
-@pytest.mark.parametrize("model", ["llava", "llama"])
+@pytest.mark.parametrize("model", ["llava", "llama", "phi"])
 def test_hidden_at_last_layer_last_position_gives_p_clean(request, model):
     adapter = request.getfixturevalue(model)
-    sample = VISUAL if model == "llava" else TEXT
+    sample = TEXT if model == "llama" else VISUAL
     enc = adapter.encode(sample)
     last = adapter.num_layers - 1
     for engine in ("fast", "reference"):
@@ -119,7 +120,8 @@ def test_window_restores_several_layers(llama):
 
 
 def test_per_sample_replacement_and_its_length_check(llama):
-    ok = Sample("t/named", "t", "The Space Needle is located in", "The Space Needle", corrupt_constraint="The Paris city")
+    ok = Sample(sample_id="t/named", subset="t", question="The Space Needle is located in",
+                constraint="The Space Needle", corrupt_constraint="The Paris city")
     n = llama.encode(ok).constraint
     ids = llama.tokenizer(" The Paris city", add_special_tokens=False)["input_ids"]
     trace = trace_sample(llama, ok, TraceSpec(kinds=("mlp",)))
@@ -127,18 +129,23 @@ def test_per_sample_replacement_and_its_length_check(llama):
         assert trace.sample["status"] == "ok" and trace.sample["corrupt_token"] == "The Paris city"
     else:
         assert trace.sample["status"] == "error" and "keep the sequence length" in trace.sample["error"]
-    bad = Sample("t/bad", "t", "The Space Needle is located in", "The Space Needle", corrupt_constraint="Paris")
+    bad = Sample(sample_id="t/bad", subset="t", question="The Space Needle is located in",
+                 constraint="The Space Needle", corrupt_constraint="Paris")
     out = trace_sample(llama, bad, TraceSpec(kinds=("mlp",)))
     assert out.sample["status"] == "error" and "t/bad" in out.sample["error"] and out.cells.num_rows == 0
 
 
 def test_bad_samples_become_error_rows(llava, llama, tmp_path):
-    missing = Sample("t/missing", "t", "This building is located in", "This building", image=str(tmp_path / "no.jpg"))
+    missing = Sample(sample_id="t/missing", subset="t", question="This building is located in",
+                     constraint="This building", image=str(tmp_path / "no.jpg"))
     broken_file = tmp_path / "broken.jpg"
     broken_file.write_bytes(b"not an image")
-    broken = Sample("t/broken", "t", "This building is located in", "This building", image=str(broken_file))
-    absent = Sample("okvqa/14", "okvqa", "What type of bike is on the ground?", "bike on the ground", image=BLANK_IMAGE)
-    flagged = Sample("t/flagged", "t", "q", "c", error="t/flagged: the row has no question")
+    broken = Sample(sample_id="t/broken", subset="t", question="This building is located in",
+                    constraint="This building", image=str(broken_file))
+    absent = Sample(sample_id="okvqa/14", subset="okvqa", question="What type of bike is on the ground?",
+                    constraint="bike on the ground", image=BLANK_IMAGE)
+    flagged = Sample(sample_id="t/flagged", subset="t", question="q", constraint="c",
+                     error="t/flagged: the row has no question")
     for s in (missing, broken, absent, flagged):
         out = trace_sample(llava, s, TraceSpec())
         assert out.sample["status"] == "error" and s.sample_id in out.sample["error"], out.sample

@@ -1,0 +1,53 @@
+"""The few lines `mmtrace trace` ends with: the strongest cells and a per-layer table, read from the summary.
+
+The per-layer table shows, for each kind, the token role where that kind's effect is largest (the last
+token for a read-out, the constraint for storage), so the table has one column per kind and stays short.
+Hidden state at the last token is left out: restoring it gives the answer back whatever the model stores
+where.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from mmtrace.workers.spec import KINDS
+
+TOP = 5
+
+
+def eligible(by_role: pd.DataFrame) -> pd.DataFrame:
+    trivial = (by_role["kind"] == "hidden") & (by_role["token_role"] == "last")
+    return by_role[~trivial & by_role["mean_ie"].notna()]
+
+
+def top_cells(by_role: pd.DataFrame, n: int = TOP) -> list[str]:
+    rows = eligible(by_role).nlargest(n, "mean_ie")
+    return [f"  {r.kind:6} layer {int(r.layer):2}  {r.token_role:10}  ie {r.mean_ie:+.3f} ± {r.ci95_ie:.3f}"
+            for r in rows.itertuples()]
+
+
+def layer_table(by_role: pd.DataFrame) -> list[str]:
+    frame = eligible(by_role)
+    kinds = [k for k in KINDS if k in set(frame["kind"])]
+    roles = {k: frame[frame["kind"] == k].nlargest(1, "mean_ie")["token_role"].iloc[0] for k in kinds}
+    heads = [f"{k}@{roles[k]}" for k in kinds]
+    lines = ["  layer " + "".join(f"{h:>18}" for h in heads)]
+    for layer in sorted(frame["layer"].unique()):
+        values = []
+        for k in kinds:
+            hit = frame[(frame["kind"] == k) & (frame["token_role"] == roles[k]) & (frame["layer"] == layer)]
+            values.append(f"{hit['mean_ie'].iloc[0]:+18.3f}" if len(hit) else f"{'':18}")
+        lines.append(f"  {int(layer):5} " + "".join(values))
+    return lines
+
+
+def findings(out: str | Path) -> list[str]:
+    """Top cells and the per-layer table of a reduced run (its `summary_by_role.parquet`)."""
+    by_role = pd.read_parquet(Path(out) / "summary_by_role.parquet")
+    if eligible(by_role).empty:
+        return ["  no cells with an effect to show"]
+    n = int(by_role["n"].max())
+    return [f"strongest cells (mean indirect effect over {n} samples ± 95% CI):", *top_cells(by_role), "",
+            "mean indirect effect per layer, each kind at its strongest token role:", *layer_table(by_role)]

@@ -1,0 +1,159 @@
+"""Every content hash of a run, in one place: model fingerprint, dataset digest, unit ids, run id, code version.
+
+A committed unit is reused whenever its id comes back, so an id must change whenever anything that changes its
+numbers changes: the weights (for a hub id, the resolved commit), the dtype, the engine, the prompt templates,
+the trace semantics (window, corruption, replacement, noise scale and seed) and the samples. Things that only
+say where or how work runs (output folder, backend, batch size, device) stay out, so moving a run or resuming
+it on another backend recomputes nothing. Which config fields enter the run id is declared beside each field
+(`identity` in its metadata, see `jobs/config.py` and `workers/spec.py`); this module only hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mmtrace.workers.spec import Sample, TraceSpec
+
+CODE_ROOTS = ("workers", "jobs", "cluster")
+SHORT = 16  # hex digits of a run id: 64 bits, unique among any realistic number of runs
+
+
+def digest(obj: Any, length: int | None = None) -> str:
+    """sha256 of the canonical JSON of `obj` (sorted keys), optionally shortened."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
+    full = hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return full[:length] if length else full
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def model_fingerprint(model: str, revision: str | None = None) -> str:
+    """What identifies the weights: a content hash of a local folder, or a hub id at its resolved commit."""
+    root = Path(model).expanduser()
+    if root.is_dir():
+        return folder_fingerprint(root)
+    return f"hub:{model}@{resolved_commit(model, revision)}"
+
+
+def folder_fingerprint(root: Path) -> str:
+    """Config files, file sizes and the head and tail of each weight file.
+
+    Reading whole 14 GB checkpoints to name a run would cost more than tracing a sample; a changed
+    checkpoint changes its config, a size, or the bytes at either end of a shard in every realistic case.
+    """
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read())
+    return h.hexdigest()[:SHORT]
+
+
+def resolved_commit(repo_id: str, revision: str | None = None) -> str:
+    """The commit a hub id and revision (branch, tag or commit) resolve to, online or from the local cache.
+
+    `hf_hub_download` of the config resolves the revision exactly as `from_pretrained` does and returns a
+    path inside `snapshots/<commit>/`: the same weights, so the same fingerprint, whether or not the
+    machine is online; a moved branch gives a new commit and so new unit ids.
+    """
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(repo_id, "config.json", revision=revision))
+    except Exception as exc:  # noqa: BLE001 - many hub error types; all mean the same to the user
+        raise FileNotFoundError(f"model {repo_id!r} (revision {revision or 'main'}) is neither a local folder "
+                                f"nor resolvable on the hub or in its cache: {exc}") from exc
+    return path.parent.name
+
+
+# --------------------------------------------------------------------------------------------- the samples
+
+
+def sample_digest(sample: Sample) -> str:
+    return digest(asdict(sample))
+
+
+def dataset_digest(samples: Iterable[Sample]) -> str:
+    """sha256 over every field of every sample, in order (order decides which unit traces what).
+
+    Images count by path, not by bytes: hashing ~9.5K image files per run would cost more than the check
+    is worth, and a changed file under the same path is the user's responsibility to rename.
+    """
+    h = hashlib.sha256()
+    for sample in samples:
+        h.update(json.dumps(asdict(sample), sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ units and runs
+
+
+def spec_semantics(spec: TraceSpec) -> dict:
+    """The TraceSpec fields that change a cell's value (kinds name the slice, batch size changes nothing)."""
+    return {k: v for k, v in asdict(spec).items() if TraceSpec.field_is_identity(k)}
+
+
+def unit_base(model_fingerprint: str, spec: TraceSpec, engine: str, *, dtype: str = "float32",
+              templates: dict[str, str] | None = None) -> str:
+    """What every unit of a run shares: weights, dtype, engine, prompt templates and trace semantics."""
+    return digest({"model": model_fingerprint, "spec": spec_semantics(spec), "engine": engine, "dtype": dtype,
+                   "templates": templates or {}})
+
+
+def unit_id(base: str, samples: list[Sample], grid_slice: tuple[tuple[str, int], ...]) -> str:
+    """A readable prefix (first sample, kind, layers) and a hash of the base, the samples and the slice."""
+    h = hashlib.sha256(base.encode())
+    for s in samples:
+        h.update(sample_digest(s).encode())
+    h.update(json.dumps(grid_slice).encode())
+    first = samples[0].sample_id.replace("/", "-")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in first)[:40]
+    kind, lo, hi = grid_slice[0][0], grid_slice[0][1], grid_slice[-1][1]
+    return f"{safe}-{kind}{lo}-{hi}-{h.hexdigest()[:12]}"
+
+
+def run_id(config_identity: dict, model_fingerprint: str, dataset_digest: str,
+           templates: dict[str, str] | None = None) -> str:
+    """A run's name: its config's identity fields, the weights, the samples and the prompt templates."""
+    return digest({"config": config_identity, "model": model_fingerprint, "dataset": dataset_digest,
+                   "templates": templates or {}}, SHORT)
+
+
+# ------------------------------------------------------------------------------------------------ the code
+
+
+def source_digest(here: Path) -> str:
+    h = hashlib.sha256()
+    for root in CODE_ROOTS:
+        for f in sorted((here / root).rglob("*.py")):
+            h.update(f.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def code_version() -> str:
+    """Package version, git commit if any, and a hash of the source (what actually ran)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    here = Path(__file__).resolve().parent.parent
+    try:
+        pkg = version("mmtrace")
+    except PackageNotFoundError:
+        pkg = "0+unknown"
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        rev = ""
+    return f"{pkg}+{rev or 'nogit'}.src{source_digest(here)}"

@@ -1,0 +1,87 @@
+"""The config is declared once: YAML keys and CLI flags come from the dataclasses' fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from mmtrace.jobs.config import (
+    ORGANISM_PRESET,
+    BackendConfig,
+    TraceConfig,
+    add_config_arguments,
+    config_from_args,
+    keys,
+    make_config,
+)
+from mmtrace.workers.spec import TraceSpec
+
+
+def parse(argv: list[str]) -> TraceConfig:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_args(argv))
+
+
+def test_every_leaf_field_is_a_key_and_a_flag():
+    leaves = {f.name for f in dataclasses.fields(TraceSpec)} | {"backend", "backend_options"}
+    leaves |= {f.name for f in dataclasses.fields(TraceConfig) if f.name not in ("trace", "backend")}
+    assert set(keys()) == leaves
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    flags = {a.dest for a in parser._actions if a.dest != "help"}
+    assert flags == leaves
+
+
+def test_flags_reach_the_nested_spec_and_backend():
+    cfg = parse(["--model", "m", "--kinds", "mlp,attn", "--window", "2", "--window-style", "width",
+                 "--corruption", "noise", "--noise-scale", "1.5", "--backend", "ray",
+                 "--backend-option", "num_actors=2", "--backend-option", "address=auto", "--no-progress",
+                 "--trust-remote-code", "--images", "okvqa=/data/coco"])
+    assert cfg.trace == TraceSpec(kinds=("mlp", "attn"), window=2, window_style="width", corruption="noise",
+                                  noise_scale=1.5)
+    assert cfg.backend == BackendConfig(name="ray", options={"num_actors": 2, "address": "auto"})
+    assert cfg.progress is False and cfg.trust_remote_code is True and cfg.images == {"okvqa": "/data/coco"}
+
+
+def test_choices_come_from_the_declarations():
+    with pytest.raises(SystemExit):
+        parse(["--corruption", "blur"])
+    with pytest.raises(SystemExit):
+        parse(["--engine", "turbo"])
+    with pytest.raises(ValueError, match="kinds"):
+        parse(["--kinds", "mlp,resid"])
+
+
+def test_yaml_flags_and_unknown_keys(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nwindow: 5\nkinds: [mlp]\nbackend: slurm\nbackend_options: {partition: gpu}\n")
+    cfg = parse(["--config", str(path), "--window", "2"])
+    assert cfg.trace.window == 2 and cfg.trace.kinds == ("mlp",)  # the flag wins over the file
+    assert cfg.backend == BackendConfig(name="slurm", options={"partition": "gpu"})
+    path.write_text("model: m\nwindwo: 5\n")
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['windwo'\]"):
+        parse(["--config", str(path)])
+
+
+def test_the_flat_form_round_trips():
+    cfg = make_config(model="m", kinds="mlp", window=3, backend="ray", backend_options={"num_actors": 2})
+    assert make_config(cfg.to_flat()) == cfg
+
+
+def test_identity_is_declared_beside_each_field():
+    ident = make_config(model="m").identity()
+    assert {"engine", "dtype", "window", "window_style", "corruption", "replacement", "noise_scale",
+            "seed"} == set(ident)
+
+
+def test_the_organism_preset_fills_only_what_is_not_given():
+    assert make_config().trace.window == ORGANISM_PRESET["window"] and make_config().limit == 100
+    assert make_config(window=1).trace.window == 1 and make_config(window=1).trace.window_style == "width"
+    assert make_config(all=True).limit is None
+    assert make_config(model="m").trace.window == 1 and make_config(model="m").limit is None
+    with pytest.raises(ValueError, match="--limit or --all"):
+        make_config(all=True, limit=5)
