@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmtrace.jobs.config import add_config_arguments, config_from_args, keys
+from mmtrace.jobs.config import add_config_arguments, config_from_args, known_values
 
 
 def _trace_args(p: argparse.ArgumentParser) -> None:
@@ -24,8 +24,7 @@ def _recorded_config(out: str | None) -> dict:
     manifest = Path(out) / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} does not exist: nothing to resume; run without --resume first")
-    known = set(keys())
-    return {k: v for k, v in json.loads(manifest.read_text())["config"].items() if k in known}
+    return known_values(json.loads(manifest.read_text())["config"])[0]
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -38,9 +37,7 @@ def _trace(args: argparse.Namespace) -> int:
           f"pending), {red.cells} cells; {result.computed_units} units computed, {result.skipped_units} already "
           f"committed; {result.seconds:.1f} s", file=sys.stderr)
     print(findings(result.out, cfg))
-    if not result.complete:
-        return _unfinished(result)
-    return 0 if red.ok or not red.samples else 1
+    return result.exit_code()
 
 
 def findings(out: Path, cfg) -> str:
@@ -54,17 +51,6 @@ def findings(out: Path, cfg) -> str:
              ("samples", out / report.SAMPLES_FILE), ("summary", out / report.SUMMARY_MD)]
     files = [f"  {name + ':':9} {path}" for name, path in paths if path.exists()]
     return "\n".join([f"Where the facts sit ({window}):", *lines, "", "Files:", *files])
-
-
-def _unfinished(result) -> int:
-    """Units that could not be computed stay pending; name them and how to retry, and fail the command."""
-    failed = {f.unit_id: f.error for f in result.failed}
-    missing = [u for u in result.reduced.missing_units if u not in failed]
-    lines = [f"  {uid}: {error}" for uid, error in failed.items()] + [f"  {uid}: not committed" for uid in missing]
-    print(f"mmtrace: error: {len(lines)} unit(s) not computed; their samples are marked pending:\n"
-          + "\n".join(lines[:20]) + ("\n  ..." if len(lines) > 20 else "")
-          + f"\nretry them with: mmtrace trace --resume --out {result.out}", file=sys.stderr)
-    return 3
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -154,6 +154,12 @@ def keys() -> list[str]:
     return [key for key, _, _, _ in leaf_fields()]
 
 
+def known_values(recorded: dict) -> tuple[dict, list[str]]:
+    """A recorded config's values this version knows, and the keys it does not (a rerun warns, never dies)."""
+    known = set(keys())
+    return {k: v for k, v in recorded.items() if k in known}, sorted(set(recorded) - known)
+
+
 def from_flat(values: dict) -> TraceConfig:
     """A TraceConfig from flat keys; an unknown key is an error naming the valid ones."""
     known = keys()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mmtrace.cluster import schedule
 from mmtrace.cluster.store import RunStore
-from mmtrace.jobs.config import TraceConfig, make_config
+from mmtrace.jobs.config import known_values, make_config
 
 LOG_NAME = "rerun.log"
 
@@ -44,11 +44,9 @@ def rerun(run_dir: str | Path, backend: str | None = None, progress: bool | None
 
     run_dir = Path(run_dir).resolve()
     before = read_run(run_dir)
-    known = set(TraceConfig.__dataclass_fields__)
-    dropped = sorted(set(before["config"]) - known)
-    if dropped:  # a key this version does not know: a timer must not die of it
+    values, dropped = known_values(before["config"])
+    if dropped:
         print(f"mmtrace: rerun: ignoring config keys this version does not know: {dropped}", file=sys.stderr)
-    values = {k: v for k, v in before["config"].items() if k in known}
     values["out"] = str(run_dir)  # the folder may have moved since
     cfg = make_config(values, backend=backend, progress=progress)
     result = run_trace(cfg)
@@ -58,7 +56,7 @@ def rerun(run_dir: str | Path, backend: str | None = None, progress: bool | None
 def entry_point() -> Path:
     """The `mmtrace` console script of this installation, by absolute path (cron's PATH has no venv)."""
     beside = Path(sys.executable).with_name("mmtrace")
-    found = beside if beside.is_file() else (shutil.which("mmtrace") and Path(shutil.which("mmtrace") or ""))
+    found = str(beside) if beside.is_file() else shutil.which("mmtrace")
     if not found:
         raise FileNotFoundError("the `mmtrace` console script is not installed beside this Python; "
                                 "`pip install mmtrace` (or `pip install -e .`) before scheduling a rerun")
@@ -85,7 +83,7 @@ def _rerun_main(args: argparse.Namespace) -> int:
           f"unchanged; inputs changed: {', '.join(changed) or 'none'}; {red.samples} samples ({red.ok} ok), "
           f"{red.cells} cells; {result.seconds:.1f} s", file=sys.stderr)
     print(result.out)
-    return 0 if red.ok or not red.samples else 1
+    return result.exit_code()
 
 
 def _schedule_main(args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -68,6 +69,23 @@ class RunResult:
     @property
     def complete(self) -> bool:
         return not self.failed and not self.reduced.missing_units
+
+    def unfinished(self) -> str:
+        """Units that could not be computed stay pending: which, why, and how to retry them."""
+        failed = {f.unit_id: f.error.splitlines()[0] if f.error else "" for f in self.failed}
+        missing = [u for u in self.reduced.missing_units if u not in failed]
+        lines = [f"  {uid}: {error}" for uid, error in failed.items()] + [f"  {uid}: not committed" for uid in missing]
+        more = ["  ..."] if len(lines) > 20 else []
+        return "\n".join([f"mmtrace: error: {len(lines)} unit(s) not computed; their samples are marked pending:",
+                          *lines[:20], *more, f"retry them with: mmtrace trace --resume --out {self.out}"])
+
+    def exit_code(self) -> int:
+        """0 when every unit is in and some sample traced; 3 when units are left (said on stderr); 1 when
+        every sample was a bad row."""
+        if not self.complete:
+            print(self.unfinished(), file=sys.stderr)
+            return 3
+        return 0 if self.reduced.ok or not self.reduced.samples else 1
 
 
 def _manifest(cfg: TraceConfig, ident: RunIdentity, samples: list[Sample], unit_ids: list[str]) -> dict:
