@@ -127,9 +127,15 @@ def test_bad_cron_is_rejected_before_the_table_is_touched(fake_tables, run_dir, 
     assert not fake_tables.exists()
 
 
-def test_schedule_refuses_a_folder_that_is_not_a_run(tmp_path, fake_tables):
+def test_schedule_and_rerun_refuse_a_folder_that_is_not_a_run_and_write_nothing_in_it(tmp_path, fake_tables):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="not a run folder"):
-        cli(["schedule", str(tmp_path), "--cron", "0 3 * * *"])
+        cli(["schedule", str(folder), "--cron", "0 3 * * *"])
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        cli(["rerun", str(folder)])
+    assert [p.name for p in folder.iterdir()] == ["cat.jpg"] and not fake_tables.exists()
 
 
 def test_missing_crontab_tool_is_a_clear_error(run_dir, monkeypatch, tmp_path):
