@@ -11,6 +11,8 @@ results themselves.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -102,11 +104,21 @@ BACKENDS = {"local": "mmtrace.cluster.local:LocalExecutor",
             "ray": "mmtrace.cluster.ray:RayExecutor"}
 
 
-def make_executor(backend: str, **options: Any) -> Executor:
-    """The backend named `backend`, imported only when asked for (Ray and submitit are heavy imports)."""
+def executor_class(backend: str) -> type[Executor]:
+    """The class of backend `backend`; its module imports Ray or submitit only when an executor runs."""
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} is not available; known: {sorted(BACKENDS)}")
     module, cls = BACKENDS[backend].split(":")
-    import importlib
+    return getattr(importlib.import_module(module), cls)
 
-    return getattr(importlib.import_module(module), cls)(**options)
+
+def backend_parameters(backend: str) -> tuple[str, ...]:
+    """The options a backend's executor takes (its constructor's keyword parameters), to check a config."""
+    params = inspect.signature(executor_class(backend).__init__).parameters
+    return tuple(name for name, p in params.items()
+                 if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+
+
+def make_executor(backend: str, **options: Any) -> Executor:
+    """The backend named `backend`, built with its options."""
+    return executor_class(backend)(**options)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmtrace.jobs.config import add_config_arguments, config_from_args, known_values
+from mmtrace.jobs.config import TraceConfig, add_config_arguments, config_from_args, known_values
 
 
 def _trace_args(p: argparse.ArgumentParser) -> None:
@@ -19,15 +19,14 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
 
 def _recorded_config(out: str | None) -> dict:
     """The config a run folder's manifest records, for `--resume` (units already committed are skipped)."""
-    if not out:
-        raise ValueError("--resume needs --out: the run folder to continue")
-    manifest = Path(out) / "manifest.json"
+    manifest = Path(out or TraceConfig().out) / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} does not exist: nothing to resume; run without --resume first")
     return known_values(json.loads(manifest.read_text())["config"])[0]
 
 
 def _trace(args: argparse.Namespace) -> int:
+    from mmtrace.jobs.findings import findings
     from mmtrace.jobs.run import run_trace
 
     cfg = config_from_args(args, _recorded_config(args.out) if args.resume else None)
@@ -36,21 +35,8 @@ def _trace(args: argparse.Namespace) -> int:
     print(f"mmtrace: run {result.run_id}: {red.samples} samples ({red.ok} ok, {red.errors} errors, {red.pending} "
           f"pending), {red.cells} cells; {result.computed_units} units computed, {result.skipped_units} already "
           f"committed; {result.seconds:.1f} s", file=sys.stderr)
-    print(findings(result.out, cfg))
+    print(findings(result.out, cfg.trace))
     return result.exit_code()
-
-
-def findings(out: Path, cfg) -> str:
-    """What a person wants at the end of a trace: where the effects sit, and where the files are."""
-    from mmtrace.jobs import findings as found
-    from mmtrace.jobs import report
-
-    lines = found.findings(out) if (out / report.SUMMARY_BY_ROLE_FILE).exists() else ["No cells were traced."]
-    window = f"window {cfg.trace.window}, {cfg.trace.window_style} rule"
-    paths = [("heatmap", out / "heatmap.png"), ("cells", out / report.CELLS_DIR),
-             ("samples", out / report.SAMPLES_FILE), ("summary", out / report.SUMMARY_MD)]
-    files = [f"  {name + ':':9} {path}" for name, path in paths if path.exists()]
-    return "\n".join([f"Where the facts sit ({window}):", *lines, "", "Files:", *files])
 
 
 def _bench(args: argparse.Namespace) -> int:

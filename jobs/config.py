@@ -19,22 +19,21 @@ from typing import Any
 
 import yaml
 
-from mmtrace.cluster.executor import BACKENDS
-from mmtrace.workers.adapters import DTYPES
-from mmtrace.workers.spec import TraceSpec, is_identity, option
-from mmtrace.workers.trace import ENGINES
+from mmtrace.cluster.executor import BACKENDS, backend_parameters
+from mmtrace.jobs.datasets.vqa_constraints import MISSING_IMAGE_POLICIES
+from mmtrace.workers.spec import DTYPES, ENGINES, TraceSpec, is_identity, option
 
 ORGANISM = "organism"
 # The embedded default answers in about a minute on 2 cores: its first questions, at the window where the
-# organism's mechanism shows (README, "The organism"). Applied only to the keys a user did not set.
-ORGANISM_PRESET = {"window": 3, "window_style": "width", "limit": 100}
+# organism's mechanism shows (README, "The organism"). Each group applies only when a user set none of it.
+ORGANISM_PRESET = ({"window": 3, "window_style": "width"}, {"limit": 100})
 
 
-def parse_pairs(pairs: list[str] | dict) -> dict:
+def parse_pairs(pairs: list[str] | tuple[str, ...] | str) -> dict:
     """KEY=VALUE pairs into a dict; values read as YAML scalars, so 4 is an int, 2.5 a float, true a bool."""
-    if isinstance(pairs, dict):
-        return pairs
     options = {}
+    if isinstance(pairs, str):
+        pairs = [pairs]
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
@@ -43,10 +42,13 @@ def parse_pairs(pairs: list[str] | dict) -> dict:
     return options
 
 
-def parse_image_dirs(text: str | dict) -> dict:
+def parse_image_dirs(text: str) -> dict:
     from mmtrace.jobs.datasets import parse_image_dirs as parse
 
-    return text if isinstance(text, dict) else parse(text)
+    return parse(text)
+
+
+PARSERS: dict[str, Callable[[Any], Any]] = {"images": parse_image_dirs, "backend_options": parse_pairs}
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ class BackendConfig:
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
             raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {self.name!r}")
+        known = backend_parameters(self.name)
+        unknown = sorted(set(self.options) - set(known))
+        if unknown:
+            raise ValueError(f"backend option(s) {unknown} unknown to the {self.name} backend; it takes "
+                             f"{sorted(known) or 'none'}")
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class TraceConfig:
     marked `identity`.
     """
 
-    model: str = option(ORGANISM, identity=False, help="HF checkpoint folder or hub id (default: the organism)")
+    model: str = option(ORGANISM, identity=False, help="HF checkpoint folder or hub id, or the embedded organism")
     revision: str | None = option(None, identity=False, help="hub revision of --model (its commit enters the id)")
     dataset: str = option(ORGANISM, identity=False,
                           help="vqa-constraints:DIR[:subset,...] | organism | organism:text | organism:named")
@@ -82,11 +89,10 @@ class TraceConfig:
     all: bool = option(False, identity=False, help="trace every sample (no default limit)")
     images: dict = option(default_factory=dict, identity=False,
                           help="image folders per subset: okvqa=/data/coco,multimodal_known=/data/known")
-    missing_images: str = option("error", choices=("error", "blank"), identity=False,
+    missing_images: str = option("error", choices=MISSING_IMAGE_POLICIES, identity=False,
                                  help="'blank': trace rows without an image on a grey placeholder (marked)")
-    engine: str = option("fast", choices=tuple(ENGINES), identity=True, help="'reference' is the authors' loop")
-    dtype: str = option("float32", choices=("float32", "float16", "bfloat16"), identity=True,
-                        help="weights' and activations' dtype")
+    engine: str = option("fast", choices=ENGINES, identity=True, help="'reference' is the authors' loop")
+    dtype: str = option("float32", choices=DTYPES, identity=True, help="weights' and activations' dtype")
     device: str = option("cpu", identity=False, help="cpu, cuda, cuda:1, ... (moves numbers by ~1e-7 only)")
     trust_remote_code: bool = option(False, identity=False, help="run the checkpoint's own code (off by default)")
     trace: TraceSpec = dataclasses.field(default_factory=TraceSpec, metadata={"nested": True})
@@ -100,9 +106,7 @@ class TraceConfig:
     plots: bool = option(True, identity=False, help="heatmap PNGs")
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        for name in ("engine", "missing_images"):
+        for name in ("engine", "dtype", "missing_images"):
             allowed = _field(type(self), name).metadata["choices"]
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -154,6 +158,11 @@ def keys() -> list[str]:
     return [key for key, _, _, _ in leaf_fields()]
 
 
+def identity_keys() -> list[str]:
+    """The keys declared `identity`: a change in any of them changes the numbers."""
+    return [key for key, owner, f, _ in leaf_fields() if is_identity(owner, f.name)]
+
+
 def known_values(recorded: dict) -> tuple[dict, list[str]]:
     """A recorded config's values this version knows, and the keys it does not (a rerun warns, never dies)."""
     known = set(keys())
@@ -170,15 +179,18 @@ def from_flat(values: dict) -> TraceConfig:
     nested: dict[str, dict[str, Any]] = {}
     for key, _, f, parent in leaf_fields():
         if key in values:
-            (nested.setdefault(parent, {}) if parent else top)[f.name] = _coerce(f, values[key])
+            (nested.setdefault(parent, {}) if parent else top)[f.name] = _coerce(key, values[key])
     for parent, inner in nested.items():
         top[parent] = _nested_type(TraceConfig, _field(TraceConfig, parent))(**inner)
     return TraceConfig(**top)
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """YAML and manifests give lists where the dataclass holds tuples, and strings for comma lists."""
-    if f.name == "kinds" and isinstance(value, str):
+def _coerce(key: str, value: Any) -> Any:
+    """Flags, YAML and manifests alike: comma strings and lists where the dataclass holds tuples, the
+    CLI's text forms where it holds mappings."""
+    if key in PARSERS and not isinstance(value, dict):
+        return PARSERS[key](value)
+    if key == "kinds" and isinstance(value, str):
         return tuple(k.strip() for k in value.split(",") if k.strip())
     return tuple(value) if isinstance(value, list) else value
 
@@ -191,21 +203,22 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def make_config(file_values: dict | None = None, **flags: Any) -> TraceConfig:
-    """Merge YAML values and CLI flags (flags win; None means not given), then the organism's preset for the
-    keys neither set."""
-    values = {**(file_values or {}), **{k: v for k, v in flags.items() if v is not None}}
+    """Merge YAML (or recorded) values and CLI flags (flags win; None means not given), then the organism's
+    preset for the groups of keys neither set. `--limit` and `--all` given as flags replace each other."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    base = dict(file_values or {})
+    if "limit" in given or given.get("all"):
+        base.pop("limit", None)
+        base.pop("all", None)
+    values = {**base, **given}
     if values.get("model", ORGANISM) == ORGANISM and str(values.get("dataset", ORGANISM)).startswith(ORGANISM):
-        preset = dict(ORGANISM_PRESET)
-        if values.get("all"):
-            preset.pop("limit")
-        values = {**preset, **values}
+        for group in ORGANISM_PRESET:
+            if not set(group) & set(values) and not (values.get("all") and "limit" in group):
+                values.update(group)
     return from_flat(values)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
-
-PARSERS: dict[str, Callable[[Any], Any]] = {"images": parse_image_dirs, "backend_options": parse_pairs}
-
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per leaf field: `--key-name`, its type, choices and help from the field's declaration."""
@@ -215,13 +228,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if hint is bool:
             on = f.default is False
             parser.add_argument(flag if on else "--no-" + flag[2:], dest=key, default=None,
-                                action="store_true" if on else "store_false", help=meta["help"])
+                                action="store_true" if on else "store_false",
+                                help=meta["help"] if on else f"turn off: {meta['help']}")
         elif key == "backend_options":
             parser.add_argument("--backend-option", dest=key, action="append", metavar="KEY=VALUE",
                                 help=meta["help"])
         else:
             choices = meta.get("choices") if hint is str else None
-            parser.add_argument(flag, dest=key, type=_scalar(hint), choices=choices, help=_help(meta, hint))
+            parser.add_argument(flag, dest=key, type=_scalar(hint), choices=choices, help=_help(f, hint))
 
 
 def _scalar(hint: Any) -> Callable[[str], Any]:
@@ -229,17 +243,17 @@ def _scalar(hint: Any) -> Callable[[str], Any]:
     return inner[0] if inner[0] in (int, float) else str
 
 
-def _help(meta: dict, hint: Any) -> str:
-    if typing.get_origin(hint) is tuple and meta.get("choices"):
-        return f"{meta['help']}; comma-separated among {','.join(meta['choices'])}"
-    return meta["help"]
+def _help(f: dataclasses.Field, hint: Any) -> str:
+    text, choices = f.metadata["help"], f.metadata.get("choices")
+    if typing.get_origin(hint) is tuple and choices:
+        text += f"; comma-separated among {','.join(choices)}"
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    shown = ",".join(default) if isinstance(default, tuple) else default
+    return f"{text} (default: {shown})" if default not in (None, {}, "") else text
 
 
 def config_from_args(args: argparse.Namespace, recorded: dict | None = None) -> TraceConfig:
     """Flags over the YAML file over a resumed run's recorded config."""
     flags = {key: getattr(args, key, None) for key in keys()}
-    for key, parse in PARSERS.items():
-        if flags.get(key) is not None:
-            flags[key] = parse(flags[key])
     base = {**(recorded or {}), **(load_yaml(args.config) if getattr(args, "config", None) else {})}
     return make_config(base, **flags)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmtrace.workers.spec import KINDS
+from mmtrace.jobs import report
+from mmtrace.workers.spec import KINDS, TraceSpec
 
 TOP = 5
 
@@ -43,11 +44,22 @@ def layer_table(by_role: pd.DataFrame) -> list[str]:
     return lines
 
 
-def findings(out: str | Path) -> list[str]:
+def effects(out: Path) -> list[str]:
     """Top cells and the per-layer table of a reduced run (its `summary_by_role.parquet`)."""
-    by_role = pd.read_parquet(Path(out) / "summary_by_role.parquet")
-    if eligible(by_role).empty:
-        return ["  no cells with an effect to show"]
+    path = out / report.SUMMARY_BY_ROLE_FILE
+    by_role = pd.read_parquet(path) if path.exists() else None
+    if by_role is None or eligible(by_role).empty:
+        return ["  no traced cells to show"]
     n = int(by_role["n"].max())
     return [f"strongest cells (mean indirect effect over {n} samples ± 95% CI):", *top_cells(by_role), "",
             "mean indirect effect per layer, each kind at its strongest token role:", *layer_table(by_role)]
+
+
+def findings(out: str | Path, spec: TraceSpec) -> str:
+    """What a person wants at the end of a trace: where the effects sit, and where the files are."""
+    out = Path(out)
+    paths = [("heatmap", out / "heatmap.png"), ("cells", out / report.CELLS_DIR),
+             ("samples", out / report.SAMPLES_FILE), ("summary", out / report.SUMMARY_MD)]
+    files = [f"  {name + ':':9} {path}" for name, path in paths if path.exists()]
+    return "\n".join([f"Where the facts sit (window {spec.window}, {spec.window_style} rule):", *effects(out), "",
+                      "Files:", *files])

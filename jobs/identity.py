@@ -34,6 +34,12 @@ def digest(obj: Any, length: int | None = None) -> str:
 # ------------------------------------------------------------------------------------------------ the model
 
 
+def pinned_revision(model: str, revision: str | None = None) -> str | None:
+    """The revision every process of a run loads: a hub id's branch or tag resolved to its commit once, so a
+    branch that moves mid-run cannot put other weights behind the same unit ids; None for a local folder."""
+    return None if Path(model).expanduser().is_dir() else resolved_commit(model, revision)
+
+
 def model_fingerprint(model: str, revision: str | None = None) -> str:
     """What identifies the weights: a content hash of a local folder, or a hub id at its resolved commit."""
     root = Path(model).expanduser()

@@ -21,9 +21,9 @@ still lists the missing units.
 `cells` is a symbolic link to a hidden versioned folder `.cells-<host>-<pid>-<rand>`: a reduce stages the
 new version beside the old and swaps the link with one `os.replace`, so a reader always finds `cells/`,
 old or new, never a gap; the old version is removed right after, so a reader that listed its files before
-the swap and opens them after may need to read again. A run folder from before has a real `cells/`
-folder: the first reduce renames it aside and then links the new version in, a brief gap between two
-renames, once. Summaries and heatmaps that this reduce did not write (a kind no longer traced, a summary of
+the swap and opens them after may need to read again. Where `cells/` is a real folder (written by mmtrace
+0.1.0), the first reduce renames it aside and then links the new version in: a brief gap between two renames,
+once. Summaries and heatmaps that this reduce did not write (a kind no longer traced, a summary of
 cells now gone) are removed; nothing else in the folder is touched.
 """
 
@@ -176,8 +176,8 @@ def _linked_version(link: Path) -> Path | None:
 def _swap_in(version: Path, link: Path) -> Path | None:
     """Point `link` at `version` by one `os.replace` of a symlink; returns the version it replaced.
 
-    Readers see the old folder or the new one, never none. A real folder at `link` (a run reduced before
-    links existed) is renamed aside first: that migration alone leaves a gap of two renames.
+    Readers see the old folder or the new one, never none. A real folder at `link` (mmtrace 0.1.0 wrote
+    one) is renamed aside first: that migration alone leaves a gap of two renames.
     """
     previous = _linked_version(link)
     tmp = link.with_name(writer_name(LINK_PREFIX))

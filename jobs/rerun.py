@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mmtrace.cluster import schedule
 from mmtrace.cluster.store import RunStore
-from mmtrace.jobs.config import known_values, make_config
+from mmtrace.jobs.config import identity_keys, known_values, make_config
 
 LOG_NAME = "rerun.log"
 
@@ -34,7 +34,8 @@ def read_run(run_dir: str | Path) -> dict:
 def what_changed(before: dict, after: dict) -> list[str]:
     """Human-readable differences between two manifests' inputs (why units were recomputed)."""
     checks = [("model", lambda m: m["model"]["fingerprint"]), ("dataset", lambda m: m["dataset"]["digest"]),
-              ("config", lambda m: m["config"]), ("code", lambda m: m.get("code_version"))]
+              ("config", lambda m: {k: m["config"].get(k) for k in identity_keys()}),
+              ("code", lambda m: m.get("code_version"))]
     return [name for name, get in checks if get(before) != get(after)]
 
 
@@ -87,7 +88,6 @@ def _rerun_main(args: argparse.Namespace) -> int:
 
 
 def _schedule_main(args: argparse.Namespace) -> int:
-    read_run(args.run_dir)  # refuse to schedule something that cannot be rerun
     key = f"rerun:{Path(args.run_dir).resolve()}"
     where = "scrontab" if args.slurm else "crontab"
     if args.remove:
@@ -98,6 +98,7 @@ def _schedule_main(args: argparse.Namespace) -> int:
         return 0
     if args.cron is None:
         raise ValueError("schedule needs --cron 'MIN HOUR DAY MONTH WEEKDAY' (or --remove)")
+    read_run(args.run_dir)  # refuse to schedule what cannot be rerun; removing works on a deleted run too
     entry = schedule_entry(args.run_dir, args.cron, tuple(args.sbatch or ()))
     lines = schedule.install(entry, slurm=args.slurm, dry_run=args.dry_run)
     print("\n".join(lines))

@@ -40,14 +40,17 @@ class RunIdentity:
     """What names a run, each hashed once: the weights, the samples and the prompt templates."""
 
     model_path: str
+    revision: str | None  # a hub id's commit, resolved once for every process of the run
     fingerprint: str
     dataset_digest: str
     templates: dict[str, str]
 
     @classmethod
     def of(cls, cfg: TraceConfig, model_path: str, samples: list[Sample]) -> RunIdentity:
-        return cls(model_path, identity.model_fingerprint(model_path, cfg.revision),
-                   identity.dataset_digest(samples), prompt_templates(model_path))
+        revision = identity.pinned_revision(model_path, cfg.revision)
+        return cls(model_path=model_path, revision=revision,
+                   fingerprint=identity.model_fingerprint(model_path, revision),
+                   dataset_digest=identity.dataset_digest(samples), templates=prompt_templates(model_path))
 
     def run_id(self, cfg: TraceConfig) -> str:
         return identity.run_id(cfg.identity(), self.fingerprint, self.dataset_digest, self.templates)
@@ -90,7 +93,7 @@ class RunResult:
 
 def _manifest(cfg: TraceConfig, ident: RunIdentity, samples: list[Sample], unit_ids: list[str]) -> dict:
     return {"run_id": ident.run_id(cfg), "config": cfg.to_flat(),
-            "model": {"id": cfg.model, "path": ident.model_path, "revision": cfg.revision,
+            "model": {"id": cfg.model, "path": ident.model_path, "revision": cfg.revision, "commit": ident.revision,
                       "fingerprint": ident.fingerprint, "templates": ident.templates},
             "dataset": {"spec": cfg.dataset, "digest": ident.dataset_digest, "samples": len(samples)},
             "code_version": identity.code_version(), "units": unit_ids}
@@ -143,13 +146,13 @@ def run_trace(cfg: TraceConfig) -> RunResult:
     ident = RunIdentity.of(cfg, model_path, samples)
     store = RunStore(cfg.out)
     store.clean_partial()
-    layers = num_decoder_layers(model_path, cfg.revision, cfg.trust_remote_code)
+    layers = num_decoder_layers(model_path, ident.revision, cfg.trust_remote_code)
     units = plan_units(samples, ident.unit_base(cfg), cfg.trace.kinds, layers, cfg.samples_per_unit,
                        cfg.layers_per_unit)
     store.write_manifest(_manifest(cfg, ident, samples, [u.unit_id for u in units]))
     committed = store.committed()
     todo = [u for u in units if u.unit_id not in committed]
-    model = ModelSpec(model_path, cfg.dtype, cfg.device, cfg.revision, cfg.trust_remote_code)
+    model = ModelSpec(model_path, cfg.dtype, cfg.device, ident.revision, cfg.trust_remote_code)
     executor = make_executor(cfg.backend.name, **executor_options(cfg))
     factory = partial(TraceWorker, model, cfg.trace, cfg.engine)
     failed = _execute(cfg, executor, factory, todo, len(units) - len(todo), len(units))

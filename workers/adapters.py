@@ -8,18 +8,20 @@ family is one subclass that says where its decoder layers live and how it encode
 from __future__ import annotations
 
 import json
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mmtrace.workers.encoding import find_constraint, token_span
 from mmtrace.workers.spec import (
     BLANK_IMAGE,
     DEFAULT_TEMPLATE,
+    DTYPES,
     TEXT_TEMPLATE,
     Encoded,
     Sample,
@@ -27,8 +29,12 @@ from mmtrace.workers.spec import (
     render_prompt,
 )
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# A file that is missing, not an image or truncated is the sample's fault; any other OSError (an I/O error, a
+# file system a worker node cannot see right now) is the machine's, and its unit is retried.
+IMAGE_FAULTS = (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, Image.DecompressionBombError,
+                SyntaxError, ValueError)
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+assert tuple(TORCH_DTYPES) == DTYPES
 # The per-model settings file mmtrace reads beside a checkpoint (prompt templates); optional.
 SETTINGS_FILE = "mmtrace.json"
 
@@ -207,7 +213,7 @@ class LlavaAdapter(Adapter):
         try:
             with Image.open(sample.image) as im:
                 return im.convert("RGB")
-        except (OSError, ValueError) as exc:
+        except IMAGE_FAULTS as exc:
             raise SampleError(f"{sample.sample_id}: cannot read image {sample.image!r} ({exc}); fix the file or "
                               "pass --missing-images blank") from exc
 
@@ -288,11 +294,15 @@ def load_adapter(model: str, dtype: str = "float32", device: str = "cpu", revisi
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} not among {sorted(DTYPES)}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype {dtype!r} not among {DTYPES}")
+    if not sys.stderr.isatty():  # a log, a Slurm output file: no carriage-return bar for loading weights
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     kw = dict(revision=revision, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(model, **kw)
-    load = dict(kw, dtype=DTYPES[dtype], use_safetensors=True)
+    load = dict(kw, dtype=TORCH_DTYPES[dtype], use_safetensors=True)
     templates = prompt_templates(model)
     if getattr(config, "vision_config", None) is not None:
         net = AutoModelForImageTextToText.from_pretrained(model, **load).to(device)

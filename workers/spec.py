@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # the types only: importing spec stays torch-free for planner
 KINDS = ("mlp", "attn", "hidden")
 WINDOW_STYLES = ("radius", "width")
 CORRUPTIONS = ("replace", "noise")
+ENGINES = ("fast", "reference")  # workers/trace.py maps each to its class
+DTYPES = ("float32", "float16", "bfloat16")  # workers/adapters.py maps each to its torch dtype
 TOKEN_ROLES = ("image", "before", "constraint", "after", "last")
 ALIGNED_ROLES = (
     "image", "before", "constraint_first", "constraint_mid", "constraint_last", "after_first", "after_rest", "last",

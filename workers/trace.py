@@ -39,7 +39,7 @@ from mmtrace.workers.patching import (
     restoring,
     stack_recorded,
 )
-from mmtrace.workers.spec import Encoded, Sample, TraceSpec
+from mmtrace.workers.spec import ENGINES, Encoded, Sample, TraceSpec
 
 
 @dataclass(frozen=True)
@@ -264,13 +264,17 @@ class FastEngine(Engine):
         return _prob(out.logits, prep.target)
 
 
-ENGINES = {"fast": FastEngine, "reference": ReferenceEngine}
+# A sample's own faults: recorded as its error row, committed, never retried.
+SAMPLE_ERRORS = (SampleError, ConstraintNotFound)
+
+ENGINE_CLASSES = {"fast": FastEngine, "reference": ReferenceEngine}
+assert tuple(ENGINE_CLASSES) == ENGINES
 
 
 def make_engine(name: str, adapter: Adapter, spec: TraceSpec) -> Engine:
-    if name not in ENGINES:
-        raise ValueError(f"engine {name!r} not among {sorted(ENGINES)}")
-    return ENGINES[name](adapter, spec)
+    if name not in ENGINE_CLASSES:
+        raise ValueError(f"engine {name!r} not among {ENGINES}")
+    return ENGINE_CLASSES[name](adapter, spec)
 
 
 def sample_row(prep: Prepared | None, sample: Sample, num_cells: int = 0, error: str | None = None) -> dict:
@@ -297,20 +301,20 @@ def trace_sample(adapter: Adapter, sample: Sample, spec: TraceSpec, engine: str 
                  prepare=None) -> SampleTrace:
     """Trace one sample (all cells, the given `keys`, or a `grid_slice` of (kind, layer) pairs).
 
-    A sample that cannot be encoded returns an error row and no cells rather than raising. `prepare`
-    lets a caller reuse a prepared sample across slices (the worker keeps the last one).
+    This is the one place that tells a sample's own fault (`SAMPLE_ERRORS`, or `Sample.error` from the
+    dataset) from a failure of the machine: the first returns an error row and no cells, the second (out of
+    memory, a CUDA error, a missing module) propagates, so the unit holding the sample is never committed.
+    `prepare` lets a caller reuse a prepared sample across slices (the worker keeps the last one).
     """
     eng = make_engine(engine, adapter, spec) if isinstance(engine, str) else engine
-    empty = CELL_SCHEMA.empty_table()
     if sample.error:
-        return SampleTrace(sample_row(None, sample, error=sample.error), empty)
+        return SampleTrace(sample_row(None, sample, error=sample.error), CELL_SCHEMA.empty_table())
     try:
         prep = (prepare or eng.prepare)(sample)
-    except (SampleError, ConstraintNotFound) as exc:
+        prep.extra["answer_token"] = adapter.tokenizer.decode([prep.target])
+        keys = grid(prep.enc, spec, adapter.num_layers, grid_slice) if keys is None else keys
+        table = eng.cells(prep, keys)
+    except SAMPLE_ERRORS as exc:
         msg = str(exc) if sample.sample_id in str(exc) else f"{sample.sample_id}: {exc}"
-        return SampleTrace(sample_row(None, sample, error=msg), empty)
-    prep.extra["answer_token"] = adapter.tokenizer.decode([prep.target])
-    if keys is None:
-        keys = grid(prep.enc, spec, adapter.num_layers, grid_slice)
-    table = eng.cells(prep, keys)
+        return SampleTrace(sample_row(None, sample, error=msg), CELL_SCHEMA.empty_table())
     return SampleTrace(sample_row(prep, sample, table.num_rows), table)

@@ -11,14 +11,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 import torch
 
-from mmtrace.workers.adapters import SampleError, load_adapter
+from mmtrace.workers.adapters import load_adapter
 from mmtrace.workers.cells import CELL_SCHEMA
-from mmtrace.workers.encoding import ConstraintNotFound
 from mmtrace.workers.spec import Sample, TraceSpec
-from mmtrace.workers.trace import SampleTrace, make_engine, sample_row, trace_sample
+from mmtrace.workers.trace import SampleTrace, make_engine, trace_sample
 
-# The sample's own faults: recorded as its error row, which is committed and never retried.
-SAMPLE_ERRORS = (SampleError, ConstraintNotFound)
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -70,16 +67,12 @@ class TraceWorker:
         return UnitResult(unit.unit_id, [t.sample for t in traces], cells)
 
     def _trace(self, sample: Sample, grid_slice) -> SampleTrace:
-        """One sample's slice. Only a fault of the sample itself becomes its error row: anything else (out of
-        memory, a CUDA error, a missing module) propagates, so the unit is not committed and a rerun retries it.
-        The cached prepared sample is dropped either way, as a failure may have left it half-built."""
+        """One sample's slice; `trace_sample` turns the sample's own faults into its error row, and anything
+        else propagates so the unit is not committed. The cached prepared sample is dropped on a failure, as
+        it may be half-built."""
         try:
             return trace_sample(self.adapter, sample, self.engine.spec, self.engine, grid_slice=grid_slice,
                                 prepare=self._prepared)
-        except SAMPLE_ERRORS as exc:
-            self._last = None
-            return SampleTrace(sample_row(None, sample, error=f"{sample.sample_id}: {type(exc).__name__}: {exc}"),
-                               CELL_SCHEMA.empty_table())
         except BaseException:
             self._last = None
             raise

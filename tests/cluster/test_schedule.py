@@ -195,3 +195,10 @@ def test_the_cron_line_runs_from_any_folder(traced, tmp_path):
                           shell=True, cwd=decoy, capture_output=True, text=True, timeout=300)
     assert lost.returncode == 2 and "not a run folder" in lost.stderr
     assert not (decoy / "nowhere").exists()  # a folder that is not a run: nothing created in it
+
+
+def test_the_entry_of_a_deleted_run_can_still_be_removed(fake_tables, run_dir):
+    assert cli(["schedule", str(run_dir), "--cron", "0 3 * * *"]) == 0
+    (run_dir / "manifest.json").unlink()
+    assert cli(["schedule", str(run_dir), "--remove"]) == 0
+    assert f"# mmtrace:rerun:{run_dir.resolve()}" not in fake_tables.read_text()

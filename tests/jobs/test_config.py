@@ -56,6 +56,26 @@ def test_choices_come_from_the_declarations():
         parse(["--kinds", "mlp,resid"])
 
 
+def test_unknown_backend_options_fail_before_any_work():
+    with pytest.raises(ValueError, match=r"\['bogus'\] unknown to the ray backend"):
+        make_config(backend="ray", backend_options={"bogus": 1})
+    assert make_config(backend="slurm", backend_options="partition=gpu").backend.options == {"partition": "gpu"}
+
+
+def test_yaml_takes_the_cli_text_forms_too(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: m\nimages: okvqa=/data/coco\nbackend: ray\nbackend_options: [num_actors=2]\n")
+    cfg = parse(["--config", str(path)])
+    assert cfg.images == {"okvqa": "/data/coco"} and cfg.backend.options == {"num_actors": 2}
+
+
+def test_help_shows_defaults_and_turned_off_switches():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = parser.format_help()
+    assert "(default: fast)" in text and "(default: mlp,attn,hidden)" in text and "turn off: progress" in text
+
+
 def test_yaml_flags_and_unknown_keys(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("model: m\nwindow: 5\nkinds: [mlp]\nbackend: slurm\nbackend_options: {partition: gpu}\n")
@@ -79,8 +99,11 @@ def test_identity_is_declared_beside_each_field():
 
 
 def test_the_organism_preset_fills_only_what_is_not_given():
-    assert make_config().trace.window == ORGANISM_PRESET["window"] and make_config().limit == 100
-    assert make_config(window=1).trace.window == 1 and make_config(window=1).trace.window_style == "width"
+    window, limit = ORGANISM_PRESET
+    assert (make_config().trace.window, make_config().trace.window_style) == (window["window"], "width")
+    assert make_config().limit == limit["limit"] == 100
+    assert make_config(window=1).trace == TraceSpec(window=1)  # a window given: the authors' rule with it
+    assert make_config(window_style="radius").trace == TraceSpec()
     assert make_config(all=True).limit is None
     assert make_config(model="m").trace.window == 1 and make_config(model="m").limit is None
     with pytest.raises(ValueError, match="--limit or --all"):

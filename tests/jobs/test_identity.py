@@ -75,6 +75,15 @@ def test_a_hub_id_is_fingerprinted_by_its_resolved_commit(hub_cache):
         identity.model_fingerprint("org/absent")
 
 
+def test_every_process_of_a_run_loads_the_commit_its_ids_name(hub_cache, tmp_path):
+    """A branch that moves mid-run must not put other weights behind the same unit ids."""
+    pinned = identity.pinned_revision("org/tiny", "main")
+    assert pinned == "a" * 40
+    (hub_cache / "refs" / "main").write_text("b" * 40)
+    assert identity.model_fingerprint("org/tiny", pinned) == "hub:org/tiny@" + "a" * 40
+    assert identity.pinned_revision(str(tmp_path)) is None  # a local folder is fingerprinted by content
+
+
 def test_a_local_folder_is_fingerprinted_by_content(tmp_path):
     (tmp_path / "config.json").write_text('{"a": 1}')
     (tmp_path / "model.safetensors").write_bytes(b"x" * 100)

@@ -1,5 +1,5 @@
 """The model organism: world, tokenizer/processor, packed training forward, samples, and (slow) a fresh build
-that must meet the issue's acceptance numbers through `from_pretrained`."""
+that must meet its quality bar (README, "The organism") through `from_pretrained`."""
 
 from __future__ import annotations
 
