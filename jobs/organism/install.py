@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
 from .render import write_images
@@ -47,11 +48,22 @@ def ensure_organism(cache_dir: str | Path | None = None, progress: bool = True) 
 
 
 def _install_shipped(path: Path) -> Path:
-    """Copy the shipped weights to `path` and render their world's images beside them."""
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(SHIPPED, tmp)
-    write_images(tmp, World.load(tmp / "world.json"))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    """Copy the shipped weights to `path` and render their world's images beside them.
+
+    Each installer writes its own sibling folder, so two first uses sharing a cache never delete each other's
+    work: the first to finish renames its copy in, a later one finds `path` complete and drops its own.
+    """
+    tmp = path.with_name(f"{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        shutil.copytree(SHIPPED, tmp)
+        write_images(tmp, World.load(tmp / "world.json"))
+        if not _complete(path):
+            shutil.rmtree(path, ignore_errors=True)  # an incomplete leftover of an interrupted install
+            try:
+                tmp.rename(path)
+            except OSError:
+                if not _complete(path):
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
