@@ -283,7 +283,8 @@ def check_quality(scores) -> None:
 @pytest.mark.slow
 def test_fresh_build_meets_the_acceptance_bar(fresh_organism, fresh_scores):
     info = json.loads((fresh_organism / "build.json").read_text())
-    assert info["seconds"]["total"] <= 600, info["seconds"]
+    steps = info["train"]["steps"]  # fixed in advance, never cut by a clock: the build time is a benchmark
+    assert len(info["loss_curve"]) == len(range(0, steps, 50)) + ((steps - 1) % 50 != 0)
     check_quality(fresh_scores)
 
 
