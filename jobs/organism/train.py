@@ -289,7 +289,8 @@ def train_questions(model, tokenizer, sampler: Sampler, cfg: TrainConfig, progre
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip)
         opt.step()
-        running = float(loss) if running is None else 0.95 * running + 0.05 * float(loss)
+        value = float(loss.detach())
+        running = value if running is None else 0.95 * running + 0.05 * value
         if step % 50 == 0 or step == cfg.steps - 1:
             curve.append(round(running, 4))
             bar.set_postfix(loss=f"{running:.3f}")
