@@ -27,6 +27,7 @@ from pathlib import Path
 
 STALE_AFTER_S = 24 * 3600  # a temporary folder this old is abandoned whoever wrote it
 TMP_MARK = ".tmp-"
+TMP_TAG = ".tmp-"  # `.<name>.tmp-<host>-<pid>-<rand>`: a file being written by `atomic_path`
 _WRITER_END = re.compile(r"-(\d+)-[0-9a-f]{8}$")  # "-<pid>-<rand>" at the end of a writer-tagged name
 
 
@@ -53,7 +54,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / writer_name(f".{path.name}{TMP_TAG}")
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -93,6 +94,18 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return True  # it exists but is not ours (EPERM) or the check is not allowed: not provably gone
     return True
+
+
+def sweep_temp_files(folder: Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporary files `atomic_path` left in `folder` when its writer died mid-write (provably
+    gone, as `writer_gone` decides); a live writer's file is never touched."""
+    removed = []
+    for path in Path(folder).glob(f".*{TMP_TAG}*"):
+        prefix = path.name[:path.name.index(TMP_TAG) + len(TMP_TAG)]
+        if path.is_file() and writer_gone(path, prefix, max_age_s):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def writer_gone(path: Path, prefix: str, max_age_s: float = STALE_AFTER_S) -> bool:

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from mmtrace.cluster.store import RunStore, fsync_dir, writer_gone, writer_name
+from mmtrace.cluster.store import RunStore, fsync_dir, sweep_temp_files, writer_gone, writer_name
 from mmtrace.jobs import report
 from mmtrace.workers.cells import CELL_SCHEMA, SAMPLE_SCHEMA
 from mmtrace.workers.worker import UnitResult
@@ -204,6 +204,7 @@ def _sweep_versions(out: Path, link: Path) -> None:
     for path in out.glob(f"{LINK_PREFIX}*"):
         if path.is_symlink() and writer_gone(path, LINK_PREFIX):
             path.unlink(missing_ok=True)
+    sweep_temp_files(out)
 
 
 def _publish_cells(out: Path, store: RunStore, units: list[str], ok: set[str]) -> int:

@@ -261,3 +261,18 @@ def test_a_failed_reduce_keeps_the_published_cells(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         reduce_run(tmp_path, [uid("A", "mlp"), uid("B", "mlp")], plots=False)
     assert version_folders(tmp_path) == before and len(report.read_cells(tmp_path)) == CELLS_PER_UNIT
+
+
+def test_temporary_files_of_writers_that_died_mid_write_are_swept(tmp_path):
+    """A reduce killed inside `atomic_path` leaves `.summary.md.tmp-...`; the next reduce removes it, and
+    never the file a live writer is still writing."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    dead = tmp_path / f".summary.md.tmp-{host_tag()}-{proc.pid}-0000dead"
+    live = tmp_path / f".samples.parquet.tmp-{host_tag()}-{os.getpid()}-0000a11e"
+    for f in (dead, live):
+        f.write_text("half")
+    commit(tmp_path, "A", "mlp")
+    reduce_run(tmp_path, [uid("A", "mlp")], plots=False)
+    assert not dead.exists() and live.exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name and p != live]
