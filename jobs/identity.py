@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from mmtrace.workers.spec import Sample, TraceSpec
+from mmtrace.workers.spec import Sample, TraceSpec, is_identity
 
 CODE_ROOTS = ("workers", "jobs", "cluster")
 SHORT = 16  # hex digits of a run id: 64 bits, unique among any realistic number of runs
@@ -108,7 +108,7 @@ def dataset_digest(samples: Iterable[Sample]) -> str:
 
 def spec_semantics(spec: TraceSpec) -> dict:
     """The TraceSpec fields that change a cell's value (kinds name the slice, batch size changes nothing)."""
-    return {k: v for k, v in asdict(spec).items() if TraceSpec.field_is_identity(k)}
+    return {k: v for k, v in asdict(spec).items() if is_identity(TraceSpec, k)}
 
 
 def unit_base(model_fingerprint: str, spec: TraceSpec, engine: str, *, dtype: str = "float32",

@@ -146,10 +146,6 @@ class TraceSpec:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
 
-    @classmethod
-    def field_is_identity(cls, name: str) -> bool:
-        return is_identity(cls, name)
-
     def layers_for(self, layer: int, num_layers: int) -> tuple[int, ...]:
         """The layers restored together for the cell labelled `layer`."""
         if self.window_style == "radius":
