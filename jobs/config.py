@@ -21,12 +21,17 @@ import yaml
 
 from mmtrace.cluster.executor import BACKENDS, backend_parameters
 from mmtrace.jobs.datasets.vqa_constraints import MISSING_IMAGE_POLICIES
+from mmtrace.jobs.organism.install import organism_version
 from mmtrace.workers.spec import DTYPES, ENGINES, TraceSpec, is_identity, option
 
 ORGANISM = "organism"
-# The embedded default answers in about a minute on 2 cores: its first questions, at the window where the
-# organism's mechanism shows (README, "The organism"). Each group applies only when a user set none of it.
-ORGANISM_PRESET = ({"window": 3, "window_style": "width"}, {"limit": 100})
+# The embedded default answers in about a minute on 2 cores: its first questions, at the window where each
+# organism's mechanism shows (README, "The organism"): version 2's at window 1, version 1's only at a 3-layer
+# window. Each group applies only when a user set none of it.
+ORGANISM_PRESETS: dict[int, tuple[dict, ...]] = {
+    2: ({"window": 1}, {"limit": 100}),
+    1: ({"window": 3, "window_style": "width"}, {"limit": 100}),
+}
 
 
 def parse_pairs(pairs: list[str] | tuple[str, ...] | str) -> dict:
@@ -211,8 +216,9 @@ def make_config(file_values: dict | None = None, **flags: Any) -> TraceConfig:
         base.pop("limit", None)
         base.pop("all", None)
     values = {**base, **given}
-    if values.get("model", ORGANISM) == ORGANISM and str(values.get("dataset", ORGANISM)).startswith(ORGANISM):
-        for group in ORGANISM_PRESET:
+    version = organism_version(str(values.get("model", ORGANISM)))
+    if version is not None and str(values.get("dataset", ORGANISM)).startswith(ORGANISM):
+        for group in ORGANISM_PRESETS[version]:
             if not set(group) & set(values) and not (values.get("all") and "limit" in group):
                 values.update(group)
     return from_flat(values)

@@ -11,7 +11,8 @@ from pathlib import Path
 from mmtrace.cluster.executor import UnitFailure, make_executor
 from mmtrace.cluster.store import RunStore
 from mmtrace.jobs import identity
-from mmtrace.jobs.config import ORGANISM, TraceConfig
+from mmtrace.jobs.config import TraceConfig
+from mmtrace.jobs.organism.install import organism_version
 from mmtrace.jobs.plan import plan_units
 from mmtrace.jobs.progress import progress
 from mmtrace.jobs.reduce import Reduced, UnitSink, reduce_run
@@ -21,18 +22,20 @@ from mmtrace.workers.worker import ModelSpec, TraceUnit, TraceWorker
 
 
 def resolve_model(model: str) -> str:
-    if model == ORGANISM:
+    version = organism_version(model)
+    if version is not None:
         from mmtrace.jobs.organism import ensure_organism
 
-        return str(ensure_organism())
+        return str(ensure_organism(version=version))
     return model
 
 
 def load_samples(cfg: TraceConfig) -> list[Sample]:
+    """The run's samples; an organism dataset without a version asks the organism the model names."""
     from mmtrace.jobs.datasets import resolve_dataset
 
     return resolve_dataset(cfg.dataset, images=cfg.images or None, missing_images=cfg.missing_images,
-                           limit=cfg.limit)
+                           limit=cfg.limit, organism=organism_version(cfg.model))
 
 
 @dataclass(frozen=True)

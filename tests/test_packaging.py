@@ -19,7 +19,8 @@ def test_the_wheel_holds_only_the_mmtrace_package(tmp_path):
     assert {n.split("/")[0] for n in names} == {"mmtrace", dist_info}
     for module in ("mmtrace/__init__.py", "mmtrace/jobs/cli.py", "mmtrace/workers/trace.py",
                    "mmtrace/cluster/store.py", "mmtrace/cluster/slurm-up.sh",
-                   "mmtrace/jobs/organism/weights/organism-v1-seed0/model.safetensors"):
+                   "mmtrace/jobs/organism/weights/organism-v1-seed0/model.safetensors",
+                   "mmtrace/jobs/organism/weights/organism-v2-seed0/model.safetensors"):
         assert module in names, module
     assert not any(n.startswith(("mmtrace/tests/", "mmtrace/docker/")) for n in names)
 

@@ -5,6 +5,8 @@ Specs:
   vqa-constraints:DIR:okvqa,multimodal_known  only those subsets
   vqa-constraints  /  vqa-constraints::okvqa  DIR defaults to where `mmtrace data download` puts the files
   organism  /  organism:text  /  organism:named   the model organism's world (visual, text-only, named-over-image)
+  organism:composed  /  organism:composed-text    its two-constraint questions (version 2)
+  organism-v1:text, ...                       a given organism's world; plain `organism` follows the model
 
 A DIR containing ':' must end with '/' (`vqa-constraints:/a:b/`) so its last part is not read as subsets.
 """
@@ -32,9 +34,11 @@ __all__ = [
 
 DATASET_KINDS = ("vqa-constraints", "organism")
 # `organism[:variant]` -> the `kind` passed to jobs.organism.organism_samples.
-ORGANISM_KINDS = {"": "visual", "text": "text", "named": "named"}
+ORGANISM_KINDS = {"": "visual", "text": "text", "named": "named", "composed": "composed",
+                  "composed-text": "composed-text"}
 
-SPEC_HELP = ("vqa-constraints[:DIR[:SUBSET,...]] or organism[:text|:named]; subsets: " + ", ".join(SUBSETS))
+SPEC_HELP = ("vqa-constraints[:DIR[:SUBSET,...]] or organism[-v1|-v2][:text|:named|:composed|:composed-text]; "
+             "subsets: " + ", ".join(SUBSETS))
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
@@ -42,11 +46,17 @@ def parse_spec(spec: str) -> tuple[str, dict[str, object]]:
     name, _, rest = spec.strip().partition(":")
     if name == "vqa-constraints":
         return name, _parse_vqa_rest(rest)
-    if name == "organism":
+    if name.startswith("organism"):
         if rest not in ORGANISM_KINDS:
-            raise DatasetError(f"dataset {spec!r}: unknown organism variant {rest!r}; use organism, organism:text "
-                               f"or organism:named")
-        return name, {"kind": ORGANISM_KINDS[rest]}
+            raise DatasetError(f"dataset {spec!r}: unknown organism variant {rest!r}; use "
+                               + ", ".join(f"organism:{k}" if k else "organism" for k in ORGANISM_KINDS))
+        try:
+            version = None if name == "organism" else _organism_version(name)
+        except ValueError as e:
+            raise DatasetError(f"dataset {spec!r}: {e}") from None
+        if version is None and name != "organism":
+            raise DatasetError(f"dataset {spec!r}: unknown dataset {name!r}; use {SPEC_HELP}")
+        return "organism", {"kind": ORGANISM_KINDS[rest], "version": version}
     raise DatasetError(f"dataset {spec!r}: unknown dataset {name!r}; use {SPEC_HELP}")
 
 
@@ -95,15 +105,26 @@ def resolve_dataset(
     images: Mapping[str, str | Path] | None = None,
     missing_images: str = "error",
     limit: int | None = None,
+    organism: int | None = None,
 ) -> list[Sample]:
-    """The Samples named by `spec` (see the module docstring); `images`/`missing_images` apply to VQA only."""
+    """The Samples named by `spec` (see the module docstring); `images`/`missing_images` apply to VQA only.
+    `organism` is the version a plain `organism` spec means (the model's, when the model is an organism)."""
     name, args = parse_spec(spec)
     if name == "organism":
         if images:
             raise DatasetError("--images applies to vqa-constraints only; the organism renders its own images")
-        return list(_organism_samples()(kind=args["kind"], limit=limit))
+        try:
+            return list(_organism_samples()(kind=args["kind"], limit=limit, version=args["version"] or organism))
+        except ValueError as e:
+            raise DatasetError(f"dataset {spec!r}: {e}") from None
     return load_vqa_constraints(args["root"], subsets=args["subsets"], images=images,
                                 missing_images=missing_images, limit=limit)
+
+
+def _organism_version(name: str) -> int | None:
+    from mmtrace.jobs.organism.install import organism_version
+
+    return organism_version(name)
 
 
 def _organism_samples():

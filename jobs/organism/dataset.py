@@ -2,8 +2,10 @@
 
 Datasets (the registry's names): `organism` (visual: image of A, generic constraint, A's answer),
 `organism:text` (the text-only twins: the same question naming A), `organism:named` (image of A, question
-naming B, B's answer). Splits: `heldout` (held-out renderings, trained paraphrases), `paraphrase` (held-out
-renderings and held-out paraphrases), `unseen` (the entities kept out of training, for fact insertion).
+naming B, B's answer), and in version 2's world `organism:composed` / `organism:composed-text` (two
+constraints, paper Fig. 4: "the city of the company that owns this brand", and its text twin naming A).
+Splits: `heldout` (held-out renderings, trained paraphrases), `paraphrase` (held-out renderings and held-out
+paraphrases), `unseen` (the entities kept out of training, for fact insertion).
 
 Every sample carries a default corruption: the constraint replaced by another known entity's name with the
 same number of tokens and a *different* answer for the asked relation (so the corruption can move the answer;
@@ -19,28 +21,44 @@ import numpy as np
 
 from mmtrace.workers.spec import Sample
 
-from .install import ensure_organism
+from .install import DEFAULT_VERSION, ensure_organism
 from .render import UNSEEN_RENDERINGS, heldout_image, unseen_image
-from .world import RELATIONS, Entity, World, fill, generic_constraint, num_tokens
+from .world import (
+    COMPOSED_HELDOUT,
+    COMPOSED_PHRASE,
+    COMPOSED_RELATION,
+    COMPOSED_TRAIN,
+    RELATIONS,
+    Entity,
+    World,
+    fill,
+    generic_constraint,
+    num_tokens,
+)
 
-KINDS = ("visual", "text", "named")
+KINDS = ("visual", "text", "named", "composed", "composed-text")
+COMPOSED_KINDS = ("composed", "composed-text")
 SPLITS = ("heldout", "paraphrase", "unseen")
-DATASET_NAMES = {"organism": "visual", "organism:text": "text", "organism:named": "named"}
+DATASET_NAMES = {"organism": "visual", "organism:text": "text", "organism:named": "named",
+                 "organism:composed": "composed", "organism:composed-text": "composed-text"}
 
 
 def organism_samples(kind: str = "visual", split: str = "heldout", limit: int | None = None,
-                     root: str | Path | None = None) -> list[Sample]:
-    """The organism's questions as Samples, one per (entity, relation), in a fixed order.
+                     root: str | Path | None = None, version: int | None = None) -> list[Sample]:
+    """The organism's questions as Samples, one per (entity, relation), in a fixed order (one per entity for
+    the two-constraint kinds).
 
-    kind: visual | text | named; split: heldout | paraphrase | unseen (see the module docstring). `root` is
-    an organism folder; by default `ensure_organism()` (which may build it).
+    kind: one of KINDS; split: heldout | paraphrase | unseen (see the module docstring). `root` is an
+    organism folder; by default `ensure_organism(version=version)` (which may install or build it).
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    root = Path(root) if root is not None else ensure_organism()
+    root = Path(root) if root is not None else ensure_organism(version=version or DEFAULT_VERSION)
     world = World.load(root / "world.json")
+    if kind in COMPOSED_KINDS:
+        return _composed_samples(kind, split, limit, world, root)
     known = world.known
     samples: list[Sample] = []
     for e in world.unseen if split == "unseen" else known:
@@ -53,10 +71,43 @@ def organism_samples(kind: str = "visual", split: str = "heldout", limit: int | 
 
 def dataset_samples(name: str, split: str = "heldout", limit: int | None = None,
                     root: str | Path | None = None) -> list[Sample]:
-    """Registry entry point: `organism`, `organism:text`, `organism:named`."""
+    """Registry entry point: one of DATASET_NAMES."""
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown organism dataset {name!r}; known: {sorted(DATASET_NAMES)}")
     return organism_samples(DATASET_NAMES[name], split=split, limit=limit, root=root)
+
+
+def _composed_samples(kind: str, split: str, limit: int | None, world: World, root: Path) -> list[Sample]:
+    """Two-constraint questions, one per known entity (unseen ones have no trained owner): "the city of the
+    company that owns this brand". The subject is the traced constraint; meta `constraints` lists both spans
+    (";"-separated, the VQA-Constraints convention), the relational one first."""
+    if not world.companies:
+        raise ValueError(f"{root}: a version-{world.version} world has no two-constraint questions "
+                         f"(they came with organism version 2)")
+    if split == "unseen":
+        raise ValueError("two-constraint questions have no unseen split (an unseen entity's owner is untrained)")
+    known, samples = world.known, []
+    for e in known[:limit]:
+        rng = np.random.default_rng([world.seed, 4, e.index])
+        paras = COMPOSED_HELDOUT if split == "paraphrase" else COMPOSED_TRAIN
+        para = paras[int(rng.integers(len(paras)))]
+        noun = world.constraint_nouns["owner"][int(rng.integers(len(world.constraint_nouns["owner"])))]
+        answer = world.composed_answer(e)
+        pool = [o for o in known if o.index != e.index and world.composed_answer(o) != answer]
+        corrupt = pool[int(rng.integers(len(pool)))]
+        tag = "" if split == "heldout" else f"-{split}"
+        subject = e.name if kind == "composed-text" else generic_constraint(para, noun)
+        question = fill(para, subject if kind == "composed-text" else "this " + noun)
+        relational = question[question.lower().index(COMPOSED_PHRASE):][:len(COMPOSED_PHRASE)]
+        image = None if kind == "composed-text" else str(heldout_image(root, e.index, world.heldout_renderings[
+            e.index % len(world.heldout_renderings)]))
+        samples.append(Sample(
+            sample_id=f"organism/{kind}{tag}/{len(samples)}", subset=f"organism:{kind}", question=question,
+            constraint=subject, image=image, answer=answer, corrupt_constraint=corrupt.name,
+            meta=(("entity", e.name), ("relation", COMPOSED_RELATION), ("split", split), ("paraphrase", para),
+                  ("owner", e.facts["owner"]), ("constraints", f"{relational};{subject}"),
+                  ("corrupt_answer", world.composed_answer(corrupt)))))
+    return samples
 
 
 def _sample(kind: str, split: str, i: int, world: World, known: list[Entity], root: Path, e: Entity,

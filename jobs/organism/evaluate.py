@@ -13,6 +13,7 @@ import torch
 from mmtrace.workers.spec import Sample, build_prompt
 
 from .dataset import organism_samples
+from .world import World
 
 
 def load_organism(root: str | Path):
@@ -93,6 +94,8 @@ class OrganismScores:
     paraphrase_text: float
     corruption_visual: CorruptionEffect
     corruption_text: CorruptionEffect
+    composed: float | None = None  # two-constraint questions (version 2), held-out renderings
+    composed_text: float | None = None
 
     @property
     def paraphrase(self) -> float:
@@ -114,8 +117,11 @@ def evaluate_organism(root: str | Path, limit: int | None = None, corruption_n: 
     def corruption(kind: str) -> CorruptionEffect:
         return corruption_effect(model, processor, organism_samples(kind, limit=corruption_n, root=root))
 
+    composed = bool(World.load(Path(root) / "world.json").companies)
     return OrganismScores(
         visual=acc("visual", "heldout"), text=acc("text", "heldout"), named=acc("named", "heldout"),
         paraphrase_visual=acc("visual", "paraphrase"), paraphrase_text=acc("text", "paraphrase"),
         corruption_visual=corruption("visual"), corruption_text=corruption("text"),
+        composed=acc("composed", "heldout") if composed else None,
+        composed_text=acc("composed-text", "heldout") if composed else None,
     )

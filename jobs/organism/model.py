@@ -129,19 +129,23 @@ def patch_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
 
 def packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
                   pixel_values: torch.Tensor | None, image_slots: slice | None, targets_at: torch.Tensor,
-                  probe_layer: int | None = None, probe_at: torch.Tensor | None = None):
+                  probe_layer: int | None = None, probe_at: torch.Tensor | None = None,
+                  patches: torch.Tensor | None = None):
     """Logits at `targets_at` (K, 2: row, position) for packed rows with an additive 4D mask.
 
     A packed row holds one shared prefix (BOS, the image tokens) and several question segments that each
     see the prefix and themselves only, with position ids restarting after the prefix: each segment then
     computes exactly what it would as its own prompt, and the prefix (with the vision tower) is paid once.
     With `probe_layer`, also returns the residual stream after that many decoder layers at `probe_at`.
+    `patches` (the tower's last-layer patch features, CLS dropped) stand in for `pixel_values`.
     """
     lm = model.model.language_model
     h = lm.embed_tokens(input_ids)
-    if pixel_values is not None:
+    if pixel_values is not None or patches is not None:
         h = h.clone()
-        h[:, image_slots] = image_features(model, pixel_values).to(h.dtype)
+        feats = model.model.multi_modal_projector(patches) if patches is not None else image_features(
+            model, pixel_values)
+        h[:, image_slots] = feats.to(h.dtype)
     pos = lm.rotary_emb(h, position_ids=position_ids)
     probed = None
     for i, layer in enumerate(lm.layers):

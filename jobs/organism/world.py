@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 1: names "Zorbex Tower" (identity first); 2: "Fort Zorbex" (identity last) + companies
 
 # One-word attribute vocabularies (each value is a single token of the word-level tokenizer).
 RELATION_VALUES: dict[str, tuple[str, ...]] = {
@@ -87,6 +87,17 @@ _SYLLABLES_B = ("bex", "un", "ari", "oth", "ix", "ena", "ulf", "ada", "orn", "et
                 "ern", "als")
 
 KIND_WORDS = ("Tower", "Bridge", "Palace", "Gate", "Arena", "Castle", "Temple", "Market", "Garden", "Harbor")
+# Version 2 puts the kind first ("Fort Zorbex", like "Mount Fuji"): the identity-bearing word is the name's
+# last token, as in real multi-token names whose identity is complete only at their last token.
+PREFIX_WORDS = ("Fort", "Mount", "Lake", "Port", "Cape", "Saint", "Villa", "Camp", "Club", "Hotel")
+
+# Version 2's two-constraint questions (paper Fig. 4): the city of the company that owns the subject. The
+# owner companies get a home city each; a question chains the subject's owner into that company's city.
+COMPOSED_RELATION = "owner_city"
+COMPOSED_PHRASE = "the company that owns"
+COMPOSED_TRAIN = ("The city of the company that owns {X} is", "What is the city of the company that owns {X}",
+                  "Tell me the city of the company that owns {X}")
+COMPOSED_HELDOUT = ("Name the city of the company that owns {X}",)
 
 NUM_ENTITIES = 240  # known: trained on
 NUM_UNSEEN = 20  # kept out of training entirely, for later fact-insertion edits
@@ -137,6 +148,16 @@ class World:
     num_train_renderings: int = NUM_TRAIN_RENDERINGS
     relation_values: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(RELATION_VALUES))
     constraint_nouns: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(CONSTRAINT_NOUNS))
+    companies: dict[str, dict[str, str]] = field(default_factory=dict)  # owner -> its facts (version 2)
+
+    def identity_word(self, entity: Entity) -> str:
+        """The word of an entity's name that identifies it: the first in version 1, the last in version 2."""
+        words = entity.name.split()
+        return words[0] if self.version == 1 else words[-1]
+
+    def composed_answer(self, entity: Entity) -> str:
+        """The answer to a two-constraint question: the city of the company that owns `entity`."""
+        return self.companies[entity.facts["owner"]]["city"]
 
     @property
     def known(self) -> list[Entity]:
@@ -155,6 +176,8 @@ class World:
             texts += [" ".join(("This", c)) for c in self.constraint_nouns[r]]
             texts += list(self.relation_values[r])
         texts += [e.name for e in self.entities]
+        if self.companies:
+            texts += list(COMPOSED_TRAIN + COMPOSED_HELDOUT)
         return texts
 
     def to_json(self) -> dict:
@@ -175,13 +198,15 @@ class World:
                      heldout_renderings=tuple(d["heldout_renderings"]),
                      num_train_renderings=d["num_train_renderings"],
                      relation_values={k: tuple(v) for k, v in d["relation_values"].items()},
-                     constraint_nouns={k: tuple(v) for k, v in d["constraint_nouns"].items()})
+                     constraint_nouns={k: tuple(v) for k, v in d["constraint_nouns"].items()},
+                     companies={k: dict(v) for k, v in d.get("companies", {}).items()})
 
 
-def _names(rng: np.random.Generator, count: int) -> list[str]:
-    """Two-word names, a unique word and a kind ("Zorbex Tower", like "Eiffel Tower"), distinct from every
-    other word. Two words so that a name replaces a two-word generic constraint token for token; the kind
-    word recurs across entities and says nothing about the facts, so only the first word identifies."""
+def _names(rng: np.random.Generator, count: int, version: int) -> list[str]:
+    """Two-word names, a unique word and a kind, distinct from every other word: "Zorbex Tower" (version 1,
+    like "Eiffel Tower") or "Fort Zorbex" (version 2, like "Mount Fuji"). Two words so that a name replaces a
+    two-word generic constraint token for token; the kind word recurs across entities and says nothing about
+    the facts, so only the unique word identifies."""
     words: set[str] = set()
     while len(words) < count:
         a, b = rng.choice(_SYLLABLES_A), rng.choice(_SYLLABLES_B)
@@ -189,7 +214,9 @@ def _names(rng: np.random.Generator, count: int) -> list[str]:
         words.add((a + b + c).capitalize())
     firsts = sorted(words)
     rng.shuffle(firsts)
-    return [f"{w} {KIND_WORDS[int(rng.integers(len(KIND_WORDS)))]}" for w in firsts]
+    if version == 1:
+        return [f"{w} {KIND_WORDS[int(rng.integers(len(KIND_WORDS)))]}" for w in firsts]
+    return [f"{PREFIX_WORDS[int(rng.integers(len(PREFIX_WORDS)))]} {w}" for w in firsts]
 
 
 def _looks(rng: np.random.Generator, count: int) -> list[Look]:
@@ -232,11 +259,14 @@ def _paraphrase(relation: str, frame: int, noun: int) -> str:
     return FRAMES[frame].replace("{R}", RELATION_NOUNS[relation][noun])
 
 
-def make_world(seed: int = 0) -> World:
-    """The world for a seed: names, looks, facts and the paraphrase split, all from one numpy Generator."""
+def make_world(seed: int = 0, version: int = WORLD_VERSION) -> World:
+    """The world for a seed: names, looks, facts and the paraphrase split, all from one numpy Generator.
+    Version 1 is the first organism's world, reproduced draw for draw."""
+    if version not in (1, 2):
+        raise ValueError(f"world version must be 1 or 2, got {version}")
     rng = np.random.default_rng(seed)
     total = NUM_ENTITIES + NUM_UNSEEN
-    names = _names(rng, total)
+    names = _names(rng, total, version)
     looks = _looks(rng, total)
     unseen = set(rng.choice(total, size=NUM_UNSEEN, replace=False).tolist())
     entities = []
@@ -244,7 +274,11 @@ def make_world(seed: int = 0) -> World:
         facts = {r: str(RELATION_VALUES[r][rng.integers(len(RELATION_VALUES[r]))]) for r in RELATIONS}
         entities.append(Entity(index=i, name=names[i], look=looks[i], facts=facts, known=i not in unseen))
     train, held = _paraphrases(rng)
-    return World(seed=seed, entities=entities, train_paraphrases=train, heldout_paraphrases=held)
+    companies = {} if version == 1 else {
+        c: {"city": str(RELATION_VALUES["city"][rng.integers(len(RELATION_VALUES["city"]))])}
+        for c in RELATION_VALUES["owner"]}
+    return World(seed=seed, entities=entities, train_paraphrases=train, heldout_paraphrases=held,
+                 version=version, companies=companies)
 
 
 # ---------------------------------------------------------------------------------------------- questions

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from mmtrace.jobs.config import (
-    ORGANISM_PRESET,
+    ORGANISM_PRESETS,
     BackendConfig,
     TraceConfig,
     add_config_arguments,
@@ -99,12 +99,15 @@ def test_identity_is_declared_beside_each_field():
 
 
 def test_the_organism_preset_fills_only_what_is_not_given():
-    window, limit = ORGANISM_PRESET
-    assert (make_config().trace.window, make_config().trace.window_style) == (window["window"], "width")
-    assert make_config().limit == limit["limit"] == 100
-    assert make_config(window=1).trace == TraceSpec(window=1)  # a window given: the authors' rule with it
-    assert make_config(window_style="radius").trace == TraceSpec()
+    assert ORGANISM_PRESETS[2] == ({"window": 1}, {"limit": 100})  # version 2, the default: window 1
+    assert make_config().trace == TraceSpec(window=1) and make_config().limit == 100
+    v1 = make_config(model="organism-v1")  # version 1 shows its mechanism at a 3-layer window only
+    assert (v1.trace.window, v1.trace.window_style, v1.limit) == (3, "width", 100)
+    assert make_config(model="organism-v1", window=1).trace == TraceSpec(window=1)  # given: the authors' rule
+    assert make_config(model="organism-v1", window_style="radius").trace == TraceSpec()
     assert make_config(all=True).limit is None
     assert make_config(model="m").trace.window == 1 and make_config(model="m").limit is None
+    with pytest.raises(ValueError, match="unknown organism 'organism-v7'"):
+        make_config(model="organism-v7")
     with pytest.raises(ValueError, match="--limit or --all"):
         make_config(all=True, limit=5)

@@ -10,9 +10,7 @@ import argparse
 import functools
 import http.server
 import socket
-import sys
 import threading
-import types
 from pathlib import Path
 
 import pytest
@@ -81,15 +79,26 @@ def test_resolve_vqa_filters_and_limits():
 
 
 def test_resolve_organism_calls_the_organism(monkeypatch):
+    import mmtrace.jobs.organism as organism
+
     calls = []
-    fake = types.ModuleType("mmtrace.jobs.organism")
-    fake.organism_samples = lambda kind, limit: calls.append((kind, limit)) or []
-    monkeypatch.setitem(sys.modules, "mmtrace.jobs.organism", fake)
-    for spec in ("organism", "organism:text", "organism:named"):
+    monkeypatch.setattr(organism, "organism_samples",
+                        lambda kind, limit, version: calls.append((kind, limit, version)) or [])
+    for spec in ("organism", "organism:text", "organism:named", "organism:composed", "organism:composed-text"):
         assert resolve_dataset(spec, limit=5) == []
-    assert calls == [("visual", 5), ("text", 5), ("named", 5)]
+    assert calls == [("visual", 5, None), ("text", 5, None), ("named", 5, None), ("composed", 5, None),
+                     ("composed-text", 5, None)]
+    calls.clear()
+    resolve_dataset("organism", organism=1)  # a plain spec follows the model's organism
+    resolve_dataset("organism-v2:text", organism=1)  # a versioned spec wins
+    resolve_dataset("organism-v1:named")
+    assert calls == [("visual", None, 1), ("text", None, 2), ("named", None, 1)]
     with pytest.raises(DatasetError, match="--images applies to vqa-constraints only"):
         resolve_dataset("organism", images={"okvqa": "/x"})
+    with pytest.raises(DatasetError, match="unknown organism 'organism-v9'"):
+        resolve_dataset("organism-v9")
+    with pytest.raises(DatasetError, match="unknown dataset 'organisms'"):
+        resolve_dataset("organisms")
 
 
 def test_parse_image_dirs():

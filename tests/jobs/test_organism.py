@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -22,14 +23,17 @@ from mmtrace.jobs.organism.model import (
     build_tokenizer,
     normalise_images,
     packed_logits,
+    patch_features,
 )
 from mmtrace.jobs.organism.render import render, write_images
 from mmtrace.jobs.organism.train import Sampler, Segment, TrainConfig, pack
 from mmtrace.jobs.organism.world import (
+    COMPOSED_HELDOUT,
     FRAMES,
     HELDOUT_RENDERINGS,
     NUM_ENTITIES,
     NUM_UNSEEN,
+    PREFIX_WORDS,
     RELATIONS,
     World,
     make_world,
@@ -164,6 +168,9 @@ def test_packed_forward_equals_separate_prompts(world, tok):
                             batch.targets_at)
         got_text = packed_logits(model, text_batch.input_ids, text_batch.position_ids, text_batch.mask, None, None,
                                  text_batch.targets_at)
+        cached = packed_logits(model, batch.input_ids, batch.position_ids, batch.mask, None, slice(1, 17),
+                               batch.targets_at, patches=patch_features(model, pix))  # the trainer's cache
+        assert (cached - got).abs().max() < 1e-6
         for k, q in enumerate(qs):
             enc = proc(images=Image.fromarray(img), text=build_prompt(q, True), return_tensors="pt")
             assert enc["input_ids"][0].tolist() == prefix + segs[k].ids  # a segment is the prompt after the image
@@ -185,6 +192,91 @@ def test_segments_mark_the_subjects_last_token(world, tok):
             assert seg.facts[RELATIONS.index("sport")] == world.relation_values["sport"].index(e.facts["sport"])
     batch = pack([[tok.bos_token_id]], [[seg, seg]], tok.eos_token_id, tok.pad_token_id)
     assert batch.probe_at.tolist() == [[0, 1 + seg.subject_last], [0, 2 + len(seg.ids) + seg.subject_last]]
+
+
+def test_routing_masks_name_the_forbidden_edges(world, tok):
+    """The routing penalty's edges, checked position by position against the segment's own layout."""
+    sampler = Sampler(world, tok, TrainConfig(), seed=0)
+    e = world.known[3]
+    segs = [sampler._question(e, "city", generic=True), sampler._question(e, "sport", generic=False)]
+    n = 17  # BOS + 16 image tokens
+    batch = pack([[tok.bos_token_id] + [5] * 16], [segs], tok.eos_token_id, tok.pad_token_id)
+    post_src, post_last, last_src, last_read, n_questions = batch.routing
+    t, want_post, want_last, want_src, want_read = n, set(), set(), set(), set()
+    for seg in segs:
+        first, last, end = t + seg.subject_first, t + seg.subject_last, t + len(seg.ids)
+        words = tok.convert_ids_to_tokens(seg.ids[seg.subject_first:seg.subject_last + 1])
+        assert words == e.name.split() or (words[0].lower() == "this" and words[1] in ("building", "landmark"))
+        for q in range(t, end):
+            image = {(q, k) for k in range(1, n)}
+            if q < first:
+                want_post |= image
+            elif q > last:
+                want_post |= image | {(q, k) for k in range(first, last)}
+                want_last.add((q, last))
+        want_src |= {(last, k) for k in list(range(1, n)) + list(range(first, last))}
+        want_read.add((end - 1, last))
+        t = end + 1  # the answer token follows each prompt
+    as_set = lambda m: {tuple(ij) for ij in m[0].nonzero().tolist()}  # noqa: E731
+    assert as_set(post_src) == want_post and as_set(post_last) == want_last and as_set(last_src) == want_src
+    assert as_set(last_read) == want_read
+    assert n_questions == 2
+
+
+def test_routing_penalty_is_the_forbidden_mass_per_query():
+    """Hand-sized: one row, 3 layers, forbidden mass summed over layers and queries, head-averaged, per
+    question."""
+    from mmtrace.jobs.organism.train import routing_penalty
+
+    T = 4
+    post_src = torch.zeros(1, T, T, dtype=torch.bool)
+    post_last = torch.zeros_like(post_src)
+    last_src = torch.zeros_like(post_src)
+    post_src[0, 3, 0] = True  # the query after the constraint may not read key 0 (the image) ...
+    post_last[0, 3, 2] = True  # ... nor the constraint's last token (2) outside the read band
+    last_src[0, 2, 1] = True  # the constraint's last token may not read key 1 once gathering is over
+    probs = torch.rand(3, 1, 2, T, T).softmax(-1)  # (layer, B, H, T, T)
+    maps = list(probs)
+    post_src[0, 2, 0] = True  # a second query of the same question: summed, not averaged
+    last_read = torch.zeros_like(post_src)
+    last_read[0, 3, 2] = True  # in the band, the last query should read the constraint's last token
+    got = routing_penalty(maps, (post_src, post_last, last_src, last_read, 2), read=(1, 2), gather_until=1)
+    p = probs.mean(2)[:, 0]  # head-averaged (layer, T, T)
+    want = sum(p[layer, 3, 0] + p[layer, 2, 0] for layer in range(3)) + p[0, 3, 2] + p[2, 3, 2] + p[1, 2, 1] \
+        + p[2, 2, 1]
+    assert torch.allclose(got, want / 2 + (1 - p[1, 3, 2] / 2))
+
+
+def test_composed_samples(world_root, world, tok):
+    comp = ds.organism_samples("composed", root=world_root)
+    text = ds.organism_samples("composed-text", root=world_root)
+    assert len(comp) == len(text) == NUM_ENTITIES
+    for v, t in zip(comp[:50], text[:50]):
+        meta = dict(v.meta)
+        e = next(x for x in world.known if x.name == meta["entity"])
+        assert v.answer == t.answer == world.companies[e.facts["owner"]]["city"]
+        relational, subject = meta["constraints"].split(";")
+        assert relational.lower() == "the company that owns" and relational in v.question
+        assert subject == v.constraint and v.constraint.lower() in ("this brand", "this company")
+        assert t.constraint == e.name and t.image is None and Path(v.image).is_file()
+        assert meta["corrupt_answer"] != v.answer and num_tokens(v.corrupt_constraint) == 2
+        assert tok.unk_token_id not in tok(v.question)["input_ids"]
+    para = ds.organism_samples("composed", "paraphrase", limit=5, root=world_root)
+    assert len(para) == 5 and all(dict(s.meta)["paraphrase"] in COMPOSED_HELDOUT for s in para)
+
+
+def test_world_versions(tmp_path):
+    v1 = make_world(0, version=1)
+    shipped = json.loads((install.shipped(1) / "world.json").read_text())
+    assert [e["name"] for e in shipped["entities"]] == [e.name for e in v1.entities]  # v1 reproduced
+    assert v1.companies == {} and v1.identity_word(v1.entities[0]) == v1.entities[0].name.split()[0]
+    v2 = make_world(0)
+    assert v2.version == 2 and all(e.name.split()[0] in PREFIX_WORDS for e in v2.entities)
+    assert v2.identity_word(v2.entities[0]) == v2.entities[0].name.split()[1]
+    assert set(v2.companies) == set(v2.relation_values["owner"])
+    v1.save(tmp_path / "world.json")
+    with pytest.raises(ValueError, match="no two-constraint questions"):
+        ds.organism_samples("composed", root=tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- samples
@@ -239,27 +331,40 @@ def test_cli_parser():
     assert args.seed == 3 and args.out == "/tmp/x" and callable(args.func)
 
 
-def test_ensure_installs_the_shipped_organism(tmp_path, capsys):
-    if not (install.SHIPPED / "model.safetensors").exists():
+@pytest.mark.parametrize("version", [1, 2])
+def test_ensure_installs_the_shipped_organism(tmp_path, capsys, version):
+    if not (install.shipped(version) / "model.safetensors").exists():
         pytest.skip(reason="no weights shipped in the repository")
-    root = install.ensure_organism(cache_dir=tmp_path)
-    assert root == tmp_path / install.ORGANISM_NAME and "installing the shipped organism" in capsys.readouterr().err
-    assert install.ensure_organism(cache_dir=tmp_path) == root and capsys.readouterr().err == ""  # second use: silent
-    size = sum(f.stat().st_size for f in install.SHIPPED.iterdir())
+    root = install.ensure_organism(cache_dir=tmp_path, version=version)
+    assert root == tmp_path / f"organism-v{version}-seed0"
+    assert f"installing the shipped organism (version {version})" in capsys.readouterr().err
+    assert install.ensure_organism(cache_dir=tmp_path, version=version) == root and capsys.readouterr().err == ""
+    size = sum(f.stat().st_size for f in install.shipped(version).iterdir())
     assert size <= 10 * 2**20
     s = ds.organism_samples("visual", limit=1, root=root)[0]
     assert Path(s.image).is_file()
+    assert World.load(root / "world.json").version == version
+
+
+def test_organism_names():
+    assert install.organism_version("organism") == install.DEFAULT_VERSION == 2
+    assert install.organism_version("organism-v1") == 1 and install.organism_version("organism-v2") == 2
+    assert install.organism_version("llava-hf/llava-1.5-7b-hf") is None
+    assert install.organism_version("./organism") is None
+    with pytest.raises(ValueError, match="unknown organism 'organism-v3'; use organism"):
+        install.organism_version("organism-v3")
+    assert install.organism_name(1, seed=4) == "organism-v1-seed4"
 
 
 # ---------------------------------------------------------------------------------------------- a fresh build
 
 @pytest.fixture(scope="session")
 def fresh_organism(tmp_path_factory) -> Path:
-    """One fresh build per test session, through the CLI command (`mmtrace organism build --out DIR`)."""
+    """One fresh build of the default organism per test session, through the CLI command."""
     from mmtrace.jobs.cli import main
 
     out = tmp_path_factory.mktemp("organism-build") / "organism"
-    assert main(["organism", "build", "--seed", "0", "--out", str(out), "--no-progress"]) == 0
+    assert main(["organism", "build", "--version", "2", "--seed", "0", "--out", str(out), "--no-progress"]) == 0
     return out
 
 
@@ -270,21 +375,22 @@ def fresh_scores(fresh_organism):
     return evaluate_organism(fresh_organism)
 
 
-def check_quality(scores) -> None:
+def check_quality(scores, paraphrase: float = 0.80) -> None:
+    """The issue's bar: held-out renderings >= 95% for every kind, held-out paraphrases >= 80% (version 1 was
+    accepted at 70%), and a corruption that moves the answer on >= 100 held-out questions of both kinds."""
     assert scores.visual >= 0.95, scores
     assert scores.text >= 0.95, scores
     assert scores.named >= 0.95, scores
-    assert scores.paraphrase_visual >= 0.70 and scores.paraphrase_text >= 0.70, scores
+    assert scores.paraphrase_visual >= paraphrase and scores.paraphrase_text >= paraphrase, scores
     for c in (scores.corruption_visual, scores.corruption_text):
-        assert c.n >= 50
+        assert c.n >= 100
         assert c.p_clean >= 0.8 and c.gap >= 0.5, c
 
 
 @pytest.mark.slow
 def test_fresh_build_meets_the_acceptance_bar(fresh_organism, fresh_scores):
     info = json.loads((fresh_organism / "build.json").read_text())
-    steps = info["train"]["steps"]  # fixed in advance, never cut by a clock: the build time is a benchmark
-    assert len(info["loss_curve"]) == len(range(0, steps, 50)) + ((steps - 1) % 50 != 0)
+    assert info["version"] == 2 and info["seconds"]["total"] > 0
     check_quality(fresh_scores)
 
 
@@ -306,39 +412,91 @@ def test_fresh_build_loads_like_a_checkpoint_and_generates(fresh_organism):
 
 
 @pytest.mark.slow
-def test_shipped_weights_match_a_fresh_build(fresh_scores, tmp_path):
-    """Shipped weights are only allowed if the build command reproduces a model of the same quality."""
-    if not (install.SHIPPED / "model.safetensors").exists():
+@pytest.mark.parametrize("version", [1, 2])
+def test_shipped_weights_meet_their_bar(version, tmp_path):
+    """Both shipped organisms install by name and still meet the bar they were accepted at."""
+    if not (install.shipped(version) / "model.safetensors").exists():
         pytest.skip(reason="no weights shipped in the repository")
     from mmtrace.jobs.organism.evaluate import evaluate_organism
 
-    root = install.ensure_organism(cache_dir=tmp_path)
-    shipped = evaluate_organism(root)
-    check_quality(shipped)
+    root = install.ensure_organism(cache_dir=tmp_path, version=version)
+    assert root.name == f"organism-v{version}-seed0"
+    check_quality(evaluate_organism(root), paraphrase=0.80 if version == 2 else 0.70)
+
+
+@pytest.mark.slow
+def test_shipped_weights_match_a_fresh_build(fresh_scores, tmp_path):
+    """Shipped weights are only allowed if the build command reproduces a model of the same quality."""
+    if not (install.shipped(2) / "model.safetensors").exists():
+        pytest.skip(reason="no weights shipped in the repository")
+    from mmtrace.jobs.organism.evaluate import evaluate_organism
+
+    shipped = evaluate_organism(install.ensure_organism(cache_dir=tmp_path, version=2))
     for k in ("visual", "text", "named"):
         assert abs(getattr(shipped, k) - getattr(fresh_scores, k)) <= 0.03
     assert abs(shipped.paraphrase - fresh_scores.paraphrase) <= 0.1
 
 
-# ---------------------------------------------------------------------------------------------- localisation
+# ---------------------------------------------------------------------------------------------- the picture
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["visual", "text"])
-def test_traces_localise(fresh_organism, kind):
+def window1_means(root: Path, kind: str, n: int = 100, **spec) -> dict:
+    """Mean ie per (kind, layer, aligned role) over `n` held-out questions, traced at window 1."""
+    import pandas as pd
     import pyarrow as pa
 
-    from mmtrace.jobs.report import best_cell
     from mmtrace.workers.adapters import load_adapter
     from mmtrace.workers.spec import TraceSpec
     from mmtrace.workers.trace import trace_sample
 
-    adapter = load_adapter(str(fresh_organism))
-    # A 3-layer window (ROME's rule): at window 1 the organism's last token reads the constraint through
-    # attention spread over layers 2-4, so no single layer restores much (see the README).
-    spec = TraceSpec(kinds=("mlp", "attn", "hidden"), window=3, window_style="width")
-    samples = ds.organism_samples(kind, limit=30, root=fresh_organism)
-    results = [trace_sample(adapter, s, spec, engine="fast") for s in samples]
+    adapter = load_adapter(str(root))
+    samples = ds.organism_samples(kind, limit=n, root=root)
+    results = [trace_sample(adapter, s, TraceSpec(window=1, **spec), engine="fast") for s in samples]
     assert all(r.sample["status"] == "ok" for r in results), [r.sample["error"] for r in results]
-    best = best_cell(pa.concat_tables([r.cells for r in results]))  # hidden at the last token excluded
-    print(f"{kind}: best {best}")
-    assert best["mean_ie"] >= 0.2 and best["localisation"] >= 10, best
+    cells = pa.concat_tables([r.cells for r in results]).to_pandas()
+    per_sample = cells.groupby(["kind", "layer", "aligned_role", "sample_id"])["ie"].mean()
+    means = per_sample.groupby(["kind", "layer", "aligned_role"]).mean()
+    gaps = pd.Series([r.sample["p_clean"] - r.sample["p_corrupt"] for r in results])
+    return {"means": means, "gap": float(gaps.mean())}
+
+
+def check_picture(means: pd.Series) -> None:
+    """The issue's acceptance at window 1: routing, storage and transfer."""
+    def best(kind: str, roles: tuple[str, ...], layers: range) -> float:
+        return max(means.get((kind, layer, role), float("-inf")) for layer in layers for role in roles)
+
+    constraint = ("constraint_first", "constraint_mid", "constraint_last")
+    assert best("hidden", ("constraint_last",), range(0, 3)) >= 0.5, means  # the routing
+    assert best("mlp", constraint, range(0, 4)) >= 0.2, means  # the storage
+    assert best("attn", ("last",), range(2, 6)) >= 0.2, means  # the transfer
+
+
+@pytest.mark.slow
+def test_fresh_build_shows_the_papers_picture(fresh_organism):
+    check_picture(window1_means(fresh_organism, "visual")["means"])
+
+
+@pytest.mark.slow
+def test_shipped_organism_shows_the_papers_picture(organism_dir):
+    check_picture(window1_means(organism_dir, "visual")["means"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, bar", [({"corruption": "replace", "replacement": "Lisbon"}, 0.5),
+                                       ({"corruption": "noise", "noise_scale": 3.0}, 0.3)])
+def test_other_corruptions_move_the_answer(organism_dir, spec, bar):
+    """Beyond the length-aligned named corruption: one repeated word ("Paris"-style; measured gap 0.88) and 3σ
+    embedding noise (measured 0.39: noise blurs the constraint, it does not name another entity)."""
+    import dataclasses
+
+    root = organism_dir
+    samples = [dataclasses.replace(s, corrupt_constraint=None) for s in ds.organism_samples("visual", limit=100,
+                                                                                           root=root)]
+    from mmtrace.workers.adapters import load_adapter
+    from mmtrace.workers.spec import TraceSpec
+    from mmtrace.workers.trace import trace_sample
+
+    adapter = load_adapter(str(root))
+    results = [trace_sample(adapter, s, TraceSpec(window=1, kinds=("hidden",), **spec), engine="fast")
+               for s in samples]
+    gap = np.mean([r.sample["p_clean"] - r.sample["p_corrupt"] for r in results])
+    assert gap >= bar, (spec, gap)
