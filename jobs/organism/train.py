@@ -117,6 +117,17 @@ class Segment:
     facts: tuple[int, ...] = ()  # the subject's attribute indices, one per relation (probe targets)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """The routing penalty's edges in a packed batch, each (B, T, T) bool over (query, key); see TrainConfig."""
+
+    post_src: torch.Tensor  # after the constraint -> image and the constraint's other tokens; before it -> image
+    post_last: torch.Tensor  # after the constraint -> its last token (forbidden outside the read band)
+    last_src: torch.Tensor  # the constraint's last token -> image and its other tokens (after gathering)
+    last_read: torch.Tensor  # the question's last token -> the constraint's last token (pulled in the band)
+    questions: int
+
+
 @dataclass
 class PackedBatch:
     input_ids: torch.Tensor  # (B, T)
@@ -126,7 +137,7 @@ class PackedBatch:
     targets: torch.Tensor  # (K,)
     probe_at: torch.Tensor  # (S, 2): each segment's subject-last position
     probe_targets: torch.Tensor  # (S, R)
-    routing: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]  # see routing_penalty
+    routing: Routing
     pixel_values: torch.Tensor | None
     image_slots: slice | None
     patches: torch.Tensor | None = None  # the frozen tower's patch features instead of pixel_values
@@ -182,7 +193,7 @@ def pack(prefixes: list[list[int]], rows: list[list[Segment]], eos: int, pad: in
     return PackedBatch(ids, pos, mask, torch.tensor(targets_at), torch.tensor(targets),
                        torch.tensor(probe_at, dtype=torch.long).view(-1, 2),
                        torch.tensor(probe_targets, dtype=torch.long).view(len(probe_at), num_relations),
-                       (post_src, post_last, last_src, read, max(n_questions, 1)), None, None)
+                       Routing(post_src, post_last, last_src, read, max(n_questions, 1)), None, None)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -465,7 +476,8 @@ class _AttentionTap:
         self.config._attn_implementation = self.before
 
 
-def routing_penalty(maps: list[torch.Tensor], routing, read: tuple[int, int], gather_until: int) -> torch.Tensor:
+def routing_penalty(maps: list[torch.Tensor], routing: Routing, read: tuple[int, int],
+                    gather_until: int) -> torch.Tensor:
     """Attention mass on forbidden edges (head-averaged), summed over layers and over the queries of a
     question, plus the mass the question's last token does *not* put on the constraint's last token in the
     read band (averaged over the band's layers), all averaged over questions: see TrainConfig.
@@ -474,17 +486,17 @@ def routing_penalty(maps: list[torch.Tensor], routing, read: tuple[int, int], ga
     cost diluted by every other position. The read term keeps the band open: forbidding alone, strong enough
     to hold, sent every query's attention to BOS and the model stopped learning (chance accuracy).
     """
-    post_src, post_last, last_src, last_read, n_questions = routing
+    r, n = routing, routing.questions
     total = maps[0].new_zeros(())
     band = range(*read)
     for layer, probs in enumerate(maps):
         p = probs.mean(1)
-        post = post_src if layer in band else post_src | post_last
-        total = total + (p * post).sum() / n_questions
+        post = r.post_src if layer in band else r.post_src | r.post_last
+        total = total + (p * post).sum() / n
         if layer >= gather_until:
-            total = total + (p * last_src).sum() / n_questions
+            total = total + (p * r.last_src).sum() / n
         if layer in band:
-            total = total + (1 - (p * last_read).sum() / n_questions) / len(band)
+            total = total + (1 - (p * r.last_read).sum() / n) / len(band)
     return total
 
 

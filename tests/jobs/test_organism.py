@@ -201,7 +201,9 @@ def test_routing_masks_name_the_forbidden_edges(world, tok):
     segs = [sampler._question(e, "city", generic=True), sampler._question(e, "sport", generic=False)]
     n = 17  # BOS + 16 image tokens
     batch = pack([[tok.bos_token_id] + [5] * 16], [segs], tok.eos_token_id, tok.pad_token_id)
-    post_src, post_last, last_src, last_read, n_questions = batch.routing
+    r = batch.routing
+    post_src, post_last, last_src, last_read, n_questions = r.post_src, r.post_last, r.last_src, r.last_read, \
+        r.questions
     t, want_post, want_last, want_src, want_read = n, set(), set(), set(), set()
     for seg in segs:
         first, last, end = t + seg.subject_first, t + seg.subject_last, t + len(seg.ids)
@@ -226,7 +228,7 @@ def test_routing_masks_name_the_forbidden_edges(world, tok):
 def test_routing_penalty_is_the_forbidden_mass_per_query():
     """Hand-sized: one row, 3 layers, forbidden mass summed over layers and queries, head-averaged, per
     question."""
-    from mmtrace.jobs.organism.train import routing_penalty
+    from mmtrace.jobs.organism.train import Routing, routing_penalty
 
     T = 4
     post_src = torch.zeros(1, T, T, dtype=torch.bool)
@@ -240,7 +242,8 @@ def test_routing_penalty_is_the_forbidden_mass_per_query():
     post_src[0, 2, 0] = True  # a second query of the same question: summed, not averaged
     last_read = torch.zeros_like(post_src)
     last_read[0, 3, 2] = True  # in the band, the last query should read the constraint's last token
-    got = routing_penalty(maps, (post_src, post_last, last_src, last_read, 2), read=(1, 2), gather_until=1)
+    got = routing_penalty(maps, Routing(post_src, post_last, last_src, last_read, questions=2), read=(1, 2),
+                          gather_until=1)
     p = probs.mean(2)[:, 0]  # head-averaged (layer, T, T)
     want = sum(p[layer, 3, 0] + p[layer, 2, 0] for layer in range(3)) + p[0, 3, 2] + p[2, 3, 2] + p[1, 2, 1] \
         + p[2, 2, 1]
