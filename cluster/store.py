@@ -45,6 +45,20 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Make every file under `folder` durable, subfolders included (a unit may hold a folder of records),
+    then the folders themselves, deepest first, so the rename that publishes `folder` never precedes them."""
+    folders = [folder]
+    for path in sorted(folder.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            folders.append(path)
+        elif path.is_file():
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
+    for path in reversed(folders):
+        fsync_dir(path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
@@ -154,10 +168,7 @@ class RunStore:
         tmp.mkdir()
         try:
             write(tmp)
-            for f in tmp.iterdir():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-            fsync_dir(tmp)
+            fsync_tree(tmp)
             try:
                 os.rename(tmp, final)  # fails if another delivery of the same unit won the race
             except OSError:

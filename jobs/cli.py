@@ -1,4 +1,4 @@
-"""The `mmtrace` command line: trace, bench, compare, data, organism, rerun, schedule."""
+"""The `mmtrace` command line: trace, edit, bench, compare, data, organism, rerun, schedule."""
 
 from __future__ import annotations
 
@@ -17,12 +17,17 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p)
 
 
-def _recorded_config(out: str | None) -> dict:
-    """The config a run folder's manifest records, for `--resume` (units already committed are skipped)."""
-    manifest = Path(out or TraceConfig().out) / "manifest.json"
+def _recorded_config(out: str | None, cls: type = TraceConfig, job: str = "trace") -> dict:
+    """The config a run folder's manifest records, for `--resume` (units already committed are skipped); a
+    folder of the other job (trace or edit) is refused, since its keys would silently half-apply."""
+    manifest = Path(out or cls().out) / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest} does not exist: nothing to resume; run without --resume first")
-    return known_values(json.loads(manifest.read_text())["config"])[0]
+    recorded = json.loads(manifest.read_text())
+    if recorded.get("job", "trace") != job:
+        raise ValueError(f"{manifest} records a `mmtrace {recorded['job']}` run; resume it with "
+                         f"`mmtrace {recorded['job']} --resume`")
+    return known_values(recorded["config"], cls)[0]
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -37,6 +42,54 @@ def _trace(args: argparse.Namespace) -> int:
           f"committed; {result.seconds:.1f} s", file=sys.stderr)
     print(findings(result.out, cfg.trace))
     return result.exit_code()
+
+
+def _edit_args(p: argparse.ArgumentParser) -> None:
+    """`mmtrace edit [flags]` runs edits; `mmtrace edit export ...` writes one of them as a checkpoint.
+
+    The flags come from EditConfig, whose EditSpec lives beside torch: they are added only when the command
+    is `edit`, so the other commands start without importing torch.
+    """
+    from mmtrace.jobs.edit import METHODS, EditConfig
+
+    p.add_argument("--config", help="YAML file of config keys (flags override it)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run recorded in --out/manifest.json (its config; flags given here override)")
+    add_config_arguments(p, EditConfig)
+    sub = p.add_subparsers(dest="edit_command", metavar="{export}")
+    x = sub.add_parser("export", help="write one saved edit of a run into a new checkpoint folder")
+    x.add_argument("--run", required=True, help="the `mmtrace edit` run folder")
+    x.add_argument("--case", required=True, help="case id (the case_id column of edits.parquet)")
+    x.add_argument("--layer", required=True, type=int, help="the edited layer")
+    x.add_argument("--method", required=True, choices=METHODS, help="the edit method")
+    x.add_argument("--out", dest="export_out", metavar="CKPT", required=True,
+                   help="a new (or empty) folder for the checkpoint")
+    x.add_argument("--device", dest="export_device", metavar="DEVICE", default="cpu",
+                   help="where the model is loaded to apply the edit (default: cpu)")
+
+
+def _edit(args: argparse.Namespace) -> int:
+    if args.edit_command == "export":
+        return _edit_export(args)
+    from mmtrace.jobs.edit import EditConfig, edit_config_from_args, run_edit
+
+    cfg = edit_config_from_args(args, _recorded_config(args.out, EditConfig, "edit") if args.resume else None)
+    result = run_edit(cfg)
+    red = result.reduced
+    print(f"mmtrace: edit run {result.run_id}: {red.rows} rows ({red.rows - red.errors} edits, {red.errors} errors) "
+          f"at layers {','.join(map(str, result.layers))}; {result.computed_units} units computed, "
+          f"{result.skipped_units} already committed; {result.seconds:.1f} s", file=sys.stderr)
+    print(red.summary_markdown)
+    print("\n".join(f"{name}: {path}" for name, path in red.paths.items()))
+    return result.exit_code()
+
+
+def _edit_export(args: argparse.Namespace) -> int:
+    from mmtrace.jobs.edit import export_edit
+
+    path = export_edit(args.run, args.case, args.layer, args.method, args.export_out, device=args.export_device)
+    print(path)
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -63,7 +116,8 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; `edit`'s own flags only when `argv` is an edit command (see `_edit_args`)."""
     from mmtrace.jobs.datasets.cli import add_parser as add_data
     from mmtrace.jobs.organism.cli import add_parser as add_organism
     from mmtrace.jobs.rerun import add_parser as add_rerun
@@ -73,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("trace", help="MultiModalCausalTrace over a dataset, into Parquet + summary + heatmaps")
     _trace_args(t)
     t.set_defaults(func=_trace)
+    e = sub.add_parser("edit", allow_abbrev=False,
+                       help="MultEdit (and fine-tuning baselines) per case, layer and method; "
+                            "`mmtrace edit export` writes one edit as a checkpoint")
+    if argv and argv[0] == "edit":
+        _edit_args(e)
+    e.set_defaults(func=_edit)
     b = sub.add_parser("bench", help="fast vs reference engine on a tiny 576-image-token LLaVA, in one run")
     b.add_argument("--layers", type=int, default=4)
     b.add_argument("--question", default="This mountain is located in the continent of")
@@ -95,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

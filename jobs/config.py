@@ -76,8 +76,20 @@ class BackendConfig:
                              f"{sorted(known) or 'none'}")
 
 
+class FlatConfig:
+    """What every run config shares: its leaf fields read as flat keys, for the manifest and the run id."""
+
+    def identity(self) -> dict:
+        """The leaf fields marked `identity`, by key: what the run id hashes besides model and data."""
+        return {key: value for key, value, owner, name in _leaves(self) if is_identity(owner, name)}
+
+    def to_flat(self) -> dict:
+        """Every leaf field by key: what the manifest records and `make_config` reads back."""
+        return {key: value for key, value, _, _ in _leaves(self)}
+
+
 @dataclass(frozen=True)
-class TraceConfig:
+class TraceConfig(FlatConfig):
     """Everything `mmtrace trace` needs. `model="organism"` / `dataset="organism"` mean the embedded default.
 
     The model and the samples enter a run's identity through their content (the model's fingerprint, the
@@ -122,14 +134,6 @@ class TraceConfig:
         if self.samples_per_unit < 1:
             raise ValueError(f"samples_per_unit must be >= 1, got {self.samples_per_unit}")
 
-    def identity(self) -> dict:
-        """The leaf fields marked `identity`, by key: what the run id hashes besides model and data."""
-        return {key: value for key, value, owner, name in _leaves(self) if is_identity(owner, name)}
-
-    def to_flat(self) -> dict:
-        """Every leaf field by key: what the manifest records and `make_config` reads back."""
-        return {key: value for key, value, _, _ in _leaves(self)}
-
 
 # ------------------------------------------------------------------------------------ flat keys <-> fields
 
@@ -153,49 +157,51 @@ def leaf_fields(cls: type = TraceConfig) -> Iterator[tuple[str, type, dataclasse
             yield f.name, cls, f, None
 
 
-def _leaves(cfg: TraceConfig) -> Iterator[tuple[str, Any, type, str]]:
+def _leaves(cfg: FlatConfig) -> Iterator[tuple[str, Any, type, str]]:
     for key, owner, f, parent in leaf_fields(type(cfg)):
         holder = getattr(cfg, parent) if parent else cfg
         yield key, getattr(holder, f.name), owner, f.name
 
 
-def keys() -> list[str]:
-    return [key for key, _, _, _ in leaf_fields()]
+def keys(cls: type = TraceConfig) -> list[str]:
+    return [key for key, _, _, _ in leaf_fields(cls)]
 
 
-def identity_keys() -> list[str]:
+def identity_keys(cls: type = TraceConfig) -> list[str]:
     """The keys declared `identity`: a change in any of them changes the numbers."""
-    return [key for key, owner, f, _ in leaf_fields() if is_identity(owner, f.name)]
+    return [key for key, owner, f, _ in leaf_fields(cls) if is_identity(owner, f.name)]
 
 
-def known_values(recorded: dict) -> tuple[dict, list[str]]:
+def known_values(recorded: dict, cls: type = TraceConfig) -> tuple[dict, list[str]]:
     """A recorded config's values this version knows, and the keys it does not (a rerun warns, never dies)."""
-    known = set(keys())
+    known = set(keys(cls))
     return {k: v for k, v in recorded.items() if k in known}, sorted(set(recorded) - known)
 
 
-def from_flat(values: dict) -> TraceConfig:
-    """A TraceConfig from flat keys; an unknown key is an error naming the valid ones."""
-    known = keys()
+def from_flat(values: dict, cls: type = TraceConfig) -> Any:
+    """A config of class `cls` (TraceConfig, EditConfig) from flat keys; an unknown key is an error naming
+    the valid ones."""
+    known = keys(cls)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
     top: dict[str, Any] = {}
     nested: dict[str, dict[str, Any]] = {}
-    for key, _, f, parent in leaf_fields():
+    for key, owner, f, parent in leaf_fields(cls):
         if key in values:
-            (nested.setdefault(parent, {}) if parent else top)[f.name] = _coerce(key, values[key])
+            hint = typing.get_type_hints(owner)[f.name]
+            (nested.setdefault(parent, {}) if parent else top)[f.name] = _coerce(key, values[key], hint)
     for parent, inner in nested.items():
-        top[parent] = _nested_type(TraceConfig, _field(TraceConfig, parent))(**inner)
-    return TraceConfig(**top)
+        top[parent] = _nested_type(cls, _field(cls, parent))(**inner)
+    return cls(**top)
 
 
-def _coerce(key: str, value: Any) -> Any:
+def _coerce(key: str, value: Any, hint: Any = None) -> Any:
     """Flags, YAML and manifests alike: comma strings and lists where the dataclass holds tuples, the
     CLI's text forms where it holds mappings."""
     if key in PARSERS and not isinstance(value, dict):
         return PARSERS[key](value)
-    if key == "kinds" and isinstance(value, str):
+    if typing.get_origin(hint) is tuple and isinstance(value, str):
         return tuple(k.strip() for k in value.split(",") if k.strip())
     return tuple(value) if isinstance(value, list) else value
 
@@ -226,10 +232,10 @@ def make_config(file_values: dict | None = None, **flags: Any) -> TraceConfig:
 
 # ------------------------------------------------------------------------------------------------ the CLI
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per leaf field: `--key-name`, its type, choices and help from the field's declaration."""
-    hints = {key: typing.get_type_hints(owner)[f.name] for key, owner, f, _ in leaf_fields()}
-    for key, _, f, _ in leaf_fields():
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TraceConfig) -> None:
+    """One flag per leaf field of `cls`: `--key-name`, its type, choices and help from the field's declaration."""
+    hints = {key: typing.get_type_hints(owner)[f.name] for key, owner, f, _ in leaf_fields(cls)}
+    for key, _, f, _ in leaf_fields(cls):
         flag, meta, hint = "--" + key.replace("_", "-"), f.metadata, hints[key]
         if hint is bool:
             on = f.default is False

@@ -6,21 +6,32 @@ the trace semantics (window, corruption, replacement, noise scale and seed) and 
 say where or how work runs (output folder, backend, batch size, device) stay out, so moving a run or resuming
 it on another backend recomputes nothing. Which config fields enter the run id is declared beside each field
 (`identity` in its metadata, see `jobs/config.py` and `workers/spec.py`); this module only hashes.
+
+An edit unit (`mmtrace edit`) hashes the same kinds of things for an edit: the weights, dtype, templates, the
+EditSpec's identity fields, its cases in full, layers, methods, held-out and preserved samples, and also the
+source of the code that computes edits (`EDIT_CODE`), since that code is young and its numbers still move.
+A sequential unit (`--sequential N`) hashes the same base, its cases in order, its layer, whether it projects,
+and its held-out and preserved samples.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmtrace.workers.spec import Sample, TraceSpec, is_identity
 
+if TYPE_CHECKING:
+    from mmtrace.workers.edit import EditSpec
+
 CODE_ROOTS = ("workers", "jobs", "cluster")
+EDIT_CODE = ("workers/edit.py", "workers/patching.py")  # what computes an edit beside the model
 SHORT = 16  # hex digits of a run id: 64 bits, unique among any realistic number of runs
 
 
@@ -135,6 +146,64 @@ def run_id(config_identity: dict, model_fingerprint: str, dataset_digest: str,
     """A run's name: its config's identity fields, the weights, the samples and the prompt templates."""
     return digest({"config": config_identity, "model": model_fingerprint, "dataset": dataset_digest,
                    "templates": templates or {}}, SHORT)
+
+
+# ------------------------------------------------------------------------------------------------ edits
+
+
+def edit_base(model_fingerprint: str, spec: EditSpec, *, dtype: str = "float32",
+              templates: dict[str, str] | None = None) -> str:
+    """What every edit unit of a run shares: weights, dtype, prompt templates, the EditSpec fields that change
+    an edit's numbers, and the source of the code that computes them (`EDIT_CODE`)."""
+    semantics = {k: v for k, v in asdict(spec).items() if is_identity(type(spec), k)}
+    return digest({"model": model_fingerprint, "spec": semantics, "dtype": dtype, "templates": templates or {},
+                   "code": edit_code_digest()})
+
+
+def edit_unit_id(base: str, cases: Sequence[Any], layers: Sequence[int], methods: Sequence[str],
+                 heldout: Sequence[Sample], preserve: Sequence[Sample]) -> str:
+    """A readable prefix (first case, layers) and a hash of the base, every field of every case (its
+    question, target and every evaluation sample), the layers, the methods and the held-out and preserved
+    samples the unit measures and projects with."""
+    h = hashlib.sha256(base.encode())
+    for case in cases:
+        h.update(digest(asdict(case)).encode())
+    h.update(json.dumps({"layers": list(layers), "methods": list(methods)}).encode())
+    h.update(dataset_digest(heldout).encode())
+    h.update(dataset_digest(preserve).encode())
+    first = "".join(c if c.isalnum() or c in "-_." else "_" for c in cases[0].case_id.replace("/", "-"))[:40]
+    return f"{first}-L{min(layers)}-{max(layers)}-{h.hexdigest()[:12]}"
+
+
+def sequential_unit_id(base: str, cases: Sequence[Any], layer: int, null_space: bool, heldout: Sequence[Sample],
+                       preserve: Sequence[Sample]) -> str:
+    """A readable prefix (`seq`, plain or null-space, the layer, the number of edits) and a hash of the base,
+    every field of every case in its order (the order is the sequence), the layer, the projection and the
+    held-out and preserved samples. Tagged `sequential`, so never equal to an edit unit's id."""
+    h = hashlib.sha256(base.encode())
+    h.update(b"sequential")
+    for case in cases:
+        h.update(digest(asdict(case)).encode())
+    h.update(json.dumps({"layer": layer, "null_space": null_space}).encode())
+    h.update(dataset_digest(heldout).encode())
+    h.update(dataset_digest(preserve).encode())
+    return f"seq-{'null' if null_space else 'plain'}-L{layer}-n{len(cases)}-{h.hexdigest()[:12]}"
+
+
+def edit_run_id(unit_ids: Sequence[str]) -> str:
+    """An edit run's name: its planned units, which already hash everything its numbers depend on."""
+    return digest(list(unit_ids), SHORT)
+
+
+@functools.cache
+def edit_code_digest() -> str:
+    """The source of the modules whose changes move an edit's numbers: a cached edit from older code is
+    never reused for a result the current code would compute differently."""
+    here = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for name in EDIT_CODE:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()[:SHORT]
 
 
 # ------------------------------------------------------------------------------------------------ the code

@@ -28,6 +28,9 @@ def read_run(run_dir: str | Path) -> dict:
     manifest = RunStore(run_dir).read_manifest() if Path(run_dir).is_dir() else None
     if manifest is None or "config" not in manifest:
         raise FileNotFoundError(f"{run_dir} is not a run folder: no manifest.json with a config (trace into it first)")
+    if manifest.get("job", "trace") != "trace":
+        raise ValueError(f"{run_dir} holds a `mmtrace {manifest['job']}` run; continue it with "
+                         f"`mmtrace {manifest['job']} --resume --out {run_dir}`")
     return manifest
 
 

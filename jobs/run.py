@@ -78,12 +78,8 @@ class RunResult:
 
     def unfinished(self) -> str:
         """Units that could not be computed stay pending: which, why, and how to retry them."""
-        failed = {f.unit_id: f.error.splitlines()[0] if f.error else "" for f in self.failed}
-        missing = [u for u in self.reduced.missing_units if u not in failed]
-        lines = [f"  {uid}: {error}" for uid, error in failed.items()] + [f"  {uid}: not committed" for uid in missing]
-        more = ["  ..."] if len(lines) > 20 else []
-        return "\n".join([f"mmtrace: error: {len(lines)} unit(s) not computed; their samples are marked pending:",
-                          *lines[:20], *more, f"retry them with: mmtrace trace --resume --out {self.out}"])
+        return unfinished_units(self.failed, self.reduced.missing_units, "unit(s) not computed; their samples are "
+                                "marked pending", f"mmtrace trace --resume --out {self.out}")
 
     def exit_code(self) -> int:
         """0 when every unit is in and some sample traced; 3 when units are left (said on stderr); 1 when
@@ -92,6 +88,15 @@ class RunResult:
             print(self.unfinished(), file=sys.stderr)
             return 3
         return 0 if self.reduced.ok or not self.reduced.samples else 1
+
+
+def unfinished_units(failed: list[UnitFailure], missing_units: list[str], what: str, retry: str) -> str:
+    """The units a run left (failed, with the first line of why, or not committed) and the command to retry."""
+    reasons = {f.unit_id: f.error.splitlines()[0] if f.error else "" for f in failed}
+    missing = [u for u in missing_units if u not in reasons]
+    lines = [f"  {uid}: {error}" for uid, error in reasons.items()] + [f"  {uid}: not committed" for uid in missing]
+    more = ["  ..."] if len(lines) > 20 else []
+    return "\n".join([f"mmtrace: error: {len(lines)} {what}:", *lines[:20], *more, f"retry them with: {retry}"])
 
 
 def _manifest(cfg: TraceConfig, ident: RunIdentity, samples: list[Sample], unit_ids: list[str]) -> dict:

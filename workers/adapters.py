@@ -35,6 +35,8 @@ IMAGE_FAULTS = (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, Im
                 SyntaxError, ValueError)
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 assert tuple(TORCH_DTYPES) == DTYPES
+# The MLP output projection's name per family: Llama/Mistral/Qwen `down_proj`, Phi `fc2`, GPT-2 `c_proj`.
+DOWN_PROJ_NAMES = ("down_proj", "fc2", "c_proj")
 # The per-model settings file mmtrace reads beside a checkpoint (prompt templates); optional.
 SETTINGS_FILE = "mmtrace.json"
 
@@ -103,11 +105,30 @@ class Adapter(ABC):
         block = self.layers[layer]
         if kind == "hidden":
             return block
+        if kind == "down":
+            return self.down_proj(layer)
         name = {"mlp": "mlp", "attn": "self_attn"}[kind]
         if not hasattr(block, name):
             raise TypeError(f"{self.name}: decoder layer {type(block).__name__} has no {name!r} module; "
                             f"the {self.family} adapter traces layers with 'self_attn' and 'mlp'")
         return getattr(block, name)
+
+    def down_proj(self, layer: int) -> torch.nn.Linear:
+        """The MLP's output projection of `layer`, the matrix an edit rewrites (Llama `down_proj`, Phi `fc2`)."""
+        mlp = self.site("mlp", layer)
+        for name in DOWN_PROJ_NAMES:
+            module = getattr(mlp, name, None)
+            if isinstance(module, torch.nn.Linear):
+                return module
+        raise TypeError(f"{self.name}: the MLP {type(mlp).__name__} of layer {layer} has none of the linear output "
+                        f"projections {DOWN_PROJ_NAMES}, so it cannot be edited")
+
+    def answer_ids(self, text: str) -> list[int]:
+        """The tokens of an answer as the model would write it after the prompt (after a space)."""
+        ids = self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise SampleError(f"the answer {text!r} tokenises to nothing")
+        return [int(i) for i in ids]
 
     @property
     def info(self) -> ModelInfo:

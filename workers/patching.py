@@ -5,8 +5,10 @@ clean value. A batch is a list of restore sets, one per row. `restoring` applies
 forward pass, taking clean values from a `Source`: either states recorded from an earlier clean pass
 (`Recorded`, the fast engine) or row 0 of the same pass (`SameBatchRow`, the authors' 3-row scheme, the
 reference engine). `recording` captures states; `perturbing` edits the token embeddings of chosen rows
-(Gaussian-noise corruption). Engines, attention knockout and edits all go through here, so there is one place
-that knows module output shapes.
+(Gaussian-noise corruption); `capturing` takes one site's input and output at one position per row (an
+edit's key and value) and `shifting` adds a vector to a site's output there, differentiably (an edit's δ).
+Engines, attention knockout and edits all go through here, so there is one place that knows module output
+shapes.
 """
 
 from __future__ import annotations
@@ -182,6 +184,60 @@ def capturing_embeds(adapter) -> Iterator[dict]:
         box["embeds"] = embeds.detach().clone()
 
     handle = adapter.decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+@dataclass(frozen=True)
+class Shift:
+    """Add `delta` (d,) to the output of `kind` at `layer`, at absolute `position`, in every batch row."""
+
+    kind: str
+    layer: int
+    position: int
+    delta: torch.Tensor
+
+
+@contextmanager
+def shifting(adapter, shifts: Sequence[Shift], offset: int = 0) -> Iterator[None]:
+    """Apply `shifts` during forwards inside the block.
+
+    Unlike `restoring`, the hook returns a new tensor rather than writing in place, so gradients reach each
+    `delta` (an edit optimises it) and the module's own output stays intact for autograd.
+    """
+    handles = []
+    try:
+        for s in shifts:
+            def hook(module, args, output, s=s):
+                live = _main_tensor(output)
+                added = torch.zeros_like(live)
+                added[:, s.position - offset] = s.delta.to(live.device, live.dtype)
+                shifted = live + added
+                return (shifted, *output[1:]) if isinstance(output, tuple) else shifted
+
+            handles.append(adapter.site(s.kind, s.layer).register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capturing(adapter, kind: str, layer: int, positions: Sequence[int]) -> Iterator[dict[str, torch.Tensor]]:
+    """The input and output of `kind` at `layer`, row b at absolute `positions[b]`, as (rows, d) tensors
+    `box["input"]` and `box["output"]`, filled during the forward (detached: they are an edit's key and value)."""
+    box: dict[str, torch.Tensor] = {}
+    pos = _OnDevice(positions)
+
+    def hook(module, args, output):
+        live, inp = _main_tensor(output), args[0]
+        rows = torch.arange(live.shape[0], device=live.device)
+        box["input"] = inp[rows, pos.on(live.device)].detach().clone()
+        box["output"] = live[rows, pos.on(live.device)].detach().clone()
+
+    handle = adapter.site(kind, layer).register_forward_hook(hook)
     try:
         yield box
     finally:

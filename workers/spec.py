@@ -199,3 +199,47 @@ class Encoded:
         if role == "after":
             return "after_first" if position == end else "after_rest"
         return role
+
+
+POSITIONS = ("constraint_last", "last")
+METHODS = ("multedit", "ft", "cft")
+USES = ("correct", "counterfact", "insert", "csv")
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """How every edit of a run is made (`workers/edit.py`). Defaults: the paper's λ and loss, ROME's bound on δ
+    (4‖v0‖) and ROME's KL on prompts to keep, without which an edit at an early layer rewrites every fact of
+    the pictured entity (its key there is the same whatever relation is asked; see the README)."""
+
+    position: str = option("constraint_last", choices=POSITIONS, identity=True,
+                           help="where the key is read: the constraint's last token (the paper) or the last token "
+                                "(ROME)")
+    lam: float = option(0.01, identity=True, help="λ of ‖W K − V‖² + λ‖W − W0‖²")
+    steps: int = option(25, identity=True, help="Adam steps on δ")
+    lr: float = option(0.5, identity=True, help="Adam learning rate on δ")
+    clamp: float = option(4.0, identity=True,
+                          help="bound ‖δ‖ ≤ clamp·‖v0‖ (ROME: 4; the authors' code: 1e-4, nearly a no-op)")
+    decay: float = option(0.001, identity=True, help="weight of (‖δ‖/‖v0‖)² in δ's loss (the paper's penalty)")
+    views: int = option(0, identity=True,
+                        help="perturbed copies of the image the key is averaged over and δ must serve (ROME "
+                             "averages over prefixes); 0 = the edited picture alone, as in the paper")
+    keep_weight: float = option(5.0, identity=True,
+                                help="weight of the KL keeping each case's `keep` prompts' answers while δ is "
+                                     "searched (ROME's essence term; 0 = the paper's loss)")
+    null_space: bool = option(False, identity=True,
+                              help="AlphaEdit: project the update onto the null space of preserved keys")
+    null_lam: float = option(10.0, identity=True,
+                             help="λ of a null-space update (AlphaEdit's 10; at the paper's 0.01 the projected update "
+                                  "is barely damped and costs held-out accuracy)")
+    null_tol: float = option(0.01, identity=True,
+                             help="preserved-key covariance eigenvalues below tol × the largest span the null space")
+    ft_steps: int = option(25, identity=True, help="Adam steps of the fine-tuning baselines on W")
+    ft_lr: float = option(0.001, identity=True, help="Adam learning rate of the fine-tuning baselines")
+    cft_bound: float = option(0.001, identity=True, help="constrained fine-tuning: |ΔW| ≤ bound elementwise")
+
+    def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
+        if min(self.lam, self.null_lam, self.keep_weight, self.steps, self.ft_steps, self.views) < 0 or self.clamp <= 0:
+            raise ValueError("lam and keep_weight must be >= 0, clamp > 0, steps and ft_steps >= 0")
