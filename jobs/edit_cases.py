@@ -97,8 +97,8 @@ def organism_cases(root: str | Path, uses: tuple[str, ...] = ORGANISM_USES, limi
 
     `heldout` leaves out the questions the cases edit, so its accuracy drop counts collateral damage only (a
     counterfactual edit makes its own question "wrong" by design). `preserve` takes the held-out-paraphrase
-    questions of entities no case edits: a preserved key from the edited entity's own picture would make the
-    null-space projection cancel the edit itself. That is why counterfactual cases skip every
+    questions of entities no case edits nor the held-out set measures: a preserved key from the edited entity's
+    own picture would make the null-space projection cancel the edit itself. That is why counterfactual cases skip every
     `PRESERVE_EVERY`-th entity: `organism:all` still leaves entities to preserve.
     """
     root = Path(root)
@@ -116,10 +116,19 @@ def organism_cases(root: str | Path, uses: tuple[str, ...] = ORGANISM_USES, limi
         for i, (e, ri, target) in enumerate(picks[:limit]):
             cases.append(_organism_case(world, root, use, i, e, ri, target))
     edited = {(dict(c.sample.meta)["entity"], dict(c.sample.meta)["relation"]) for c in cases}
-    held = [s for s in visual if (dict(s.meta)["entity"], dict(s.meta)["relation"]) not in edited]
-    entities = {e for e, _ in edited}
-    keep = [s for s in organism_samples("visual", "paraphrase", root=root) if dict(s.meta)["entity"] not in entities]
-    return EditCaseSet(tuple(cases), tuple(spread(held, heldout)), tuple(spread(keep, preserve)))
+    held = spread([s for s in visual if (dict(s.meta)["entity"], dict(s.meta)["relation"]) not in edited], heldout)
+    return EditCaseSet(tuple(cases), tuple(held), tuple(_preserved(root, edited, held, preserve)))
+
+
+def _preserved(root: Path, edited: set[tuple[str, str]], held: list[Sample], count: int) -> list[Sample]:
+    """Questions of entities that no case edits and the held-out set does not measure: a preserved key of a
+    held-out entity's picture would let the null-space projection protect exactly what the drop measures.
+    Where the cases leave no such entity (every entity edited or held out), the held-out ones are used."""
+    skip = {e for e, _ in edited}
+    pool = [s for s in organism_samples("visual", "paraphrase", root=root) if dict(s.meta)["entity"] not in skip]
+    measured = {dict(s.meta)["entity"] for s in held}
+    apart = [s for s in pool if dict(s.meta)["entity"] not in measured]
+    return spread(apart if len(apart) >= count else pool, count)
 
 
 def answered_right(root: Path, visual: list[Sample], adapter: Adapter | None = None) -> tuple[bool, ...]:

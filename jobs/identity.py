@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from mmtrace.workers.edit import EditSpec
 
 CODE_ROOTS = ("workers", "jobs", "cluster")
-EDIT_CODE = ("workers/edit.py", "workers/patching.py")  # what computes an edit beside the model
+EDIT_CODE = ("workers/edit.py", "workers/patching.py", "workers/adapters.py", "workers/encoding.py")  # an edit's code
 SHORT = 16  # hex digits of a run id: 64 bits, unique among any realistic number of runs
 
 

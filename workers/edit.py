@@ -26,9 +26,11 @@ import pyarrow as pa
 import torch
 
 from mmtrace.workers.adapters import Adapter, SampleError, load_adapter
+from mmtrace.workers.encoding import ConstraintNotFound
 from mmtrace.workers.patching import Shift, capturing, shifting
 from mmtrace.workers.spec import METHODS, POSITIONS, USES, EditSpec, Encoded, Sample  # noqa: F401 - re-exported
 
+SAMPLE_ERRORS = (SampleError, ConstraintNotFound)  # a case's own fault: its error row, never the unit's failure
 EDIT_SITE = "down"  # the MLP output projection: its input is the key, its output the value
 
 
@@ -196,6 +198,12 @@ class Scorer:
         self.adapter = adapter
         self.max_batch = max_batch
         self._encoded: dict[Sample, Encoded] = {}
+
+    def forget(self, samples: Sequence[Sample]) -> None:
+        """Drop cached encodings (a case's prompts and pictures, once the case is done: a long-lived worker
+        would otherwise hold every picture it ever edited)."""
+        for s in samples:
+            self._encoded.pop(s, None)
 
     def encoded(self, sample: Sample) -> Encoded:
         if sample.error:
@@ -549,6 +557,11 @@ class EditResult:
     edits: dict[str, Edit]  # record name -> the edit, saved beside the unit's rows
 
 
+def case_prompts(case: EditCase) -> list[Sample]:
+    """Every prompt a case is made and measured with."""
+    return [case.sample, *(s for part in (*GENERALITY, *LOCALITY, "keep") for s in getattr(case, part))]
+
+
 def record_name(case_id: str, layer: int, method: str) -> str:
     return f"{case_id.replace('/', '_')}-L{layer}-{method}"
 
@@ -577,6 +590,7 @@ class EditWorker:
                     rows.append(row)
                     if edit is not None:
                         edits[record_name(case.case_id, layer, method)] = edit
+            self.scorer.forget(case_prompts(case))
         return EditResult(unit.unit_id, pa.Table.from_pylist(rows, schema=EDIT_SCHEMA), edits)
 
     def projector(self, layer: int, preserve: tuple[Sample, ...]) -> torch.Tensor | None:
@@ -608,7 +622,7 @@ class EditWorker:
             edit = make_edit(self.adapter, self.scorer, case, layer, method, self.spec, projector)
             with applied(self.adapter, [edit]):
                 after = snapshot(self.adapter, self.scorer, case, unit.heldout)
-        except SampleError as exc:
+        except SAMPLE_ERRORS as exc:
             return error_row(self.adapter, case, layer, method, self.spec, str(exc)), None
         return edit_row(self.adapter, case, before, after, edit, self.spec), edit
 
@@ -647,19 +661,25 @@ def run_sequential(worker: EditWorker, unit: SequentialUnit) -> pa.Table:
     ad, sc, spec = worker.adapter, worker.scorer, worker.spec
     cases = [c for c in unit.cases if not c.error]
     projector = worker.projector_for(unit.layer, unit.preserve) if unit.null_space else None
-    prior = torch.zeros(ad.down_proj(unit.layer).in_features, ad.down_proj(unit.layer).in_features,
-                        dtype=torch.float64) if unit.null_space else None
-    handles, rows = [], []
+    weight = ad.down_proj(unit.layer).weight
+    prior = (torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
+             if unit.null_space else None)
+    handles, rows, done = [], [], []
     try:
-        for step, case in enumerate(cases):
-            target = ad.answer_ids(case.target)
-            value = find_value(ad, sc, case.sample, target, unit.layer,
-                               edit_position(sc.encoded(case.sample), spec.position), spec, case.keep)
+        for case in cases:
+            try:
+                target = ad.answer_ids(case.target)
+                value = find_value(ad, sc, case.sample, target, unit.layer,
+                                   edit_position(sc.encoded(case.sample), spec.position), spec, case.keep)
+            except SAMPLE_ERRORS:
+                continue  # a case that cannot be encoded is left out of the sequence; its edit row says why
             edit = multedit(ad, [value], unit.layer, spec, projector=projector, prior=prior)
             handles.append(Applied(ad, [edit]))
             if prior is not None:
-                prior += value.key.double()[:, None] @ value.key.double()[None]
-            rows += _sequential_rows(ad, sc, unit, cases[:step + 1], step)
+                key = value.key.double().to(weight.device)
+                prior += key[:, None] @ key[None]
+            done.append(case)
+            rows += _sequential_rows(ad, sc, unit, done, len(done) - 1)
     finally:
         for handle in reversed(handles):
             handle.revert()

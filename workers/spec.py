@@ -241,5 +241,7 @@ class EditSpec:
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, got {self.position!r}")
-        if min(self.lam, self.null_lam, self.keep_weight, self.steps, self.ft_steps, self.views) < 0 or self.clamp <= 0:
-            raise ValueError("lam and keep_weight must be >= 0, clamp > 0, steps and ft_steps >= 0")
+        if min(self.lam, self.keep_weight, self.steps, self.ft_steps, self.views) < 0:
+            raise ValueError("lam, keep_weight, steps, ft_steps and views must be >= 0")
+        if self.clamp <= 0 or self.null_lam <= 0:
+            raise ValueError("clamp and null_lam must be > 0 (a projected update with null_lam 0 can be singular)")

@@ -91,7 +91,7 @@ def test_flags_reach_the_edit_spec_and_the_backend():
 
 @pytest.mark.parametrize("values, error", [
     ({"layers": "trace"}, "--from-trace"), ({"methods": "multedit,rome"}, "rome"), ({"layers": "1,x"}, "comma list"),
-    ({"lamb": 1}, "unknown config key"), ({"cases_per_unit": 0}, "cases_per_unit"),
+    ({"lamb": 1}, "unknown config key"), ({"cases_per_unit": 0}, "cases_per_unit"), ({"null_lam": 0}, "null_lam"),
 ])
 def test_bad_configs_fail_before_any_work(values, error):
     with pytest.raises(ValueError, match=error):

@@ -585,3 +585,16 @@ def test_kept_prompts_hold_their_answers_while_delta_is_searched():
 
     loose, held = drift(0.0), drift(5.0)
     assert loose > 0.1 and held < 0.25 * loose
+
+
+def test_a_case_whose_constraint_is_not_in_its_question_is_an_error_row_not_a_failure(llava_dir):
+    from mmtrace.workers.edit import EditCase, EditUnit, EditWorker
+    from mmtrace.workers.worker import ModelSpec
+
+    worker = EditWorker(ModelSpec(str(llava_dir)), EditSpec(steps=2, ft_steps=2))
+    bad = Sample(sample_id="e/bad", subset="e", question="The Space Needle is located in", constraint="Eiffel Tower")
+    unit = EditUnit("u", (EditCase(case_id="bad", use="csv", sample=bad, target="Paris"),
+                          EditCase(case_id="good", use="csv", sample=TEXT, target="Paris")), (0,), ("multedit",))
+    rows = worker(unit).rows.to_pylist()
+    assert [r["case_id"] for r in rows] == ["bad", "good"]
+    assert "Eiffel Tower" in rows[0]["error"] and rows[1]["error"] is None and rows[1]["efficacy"] is not None
