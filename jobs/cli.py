@@ -1,4 +1,4 @@
-"""The `mmtrace` command line: trace, edit, bench, compare, data, organism, rerun, schedule."""
+"""The `mmtrace` command line: trace, edit, attention, bench, compare, data, organism, rerun, schedule."""
 
 from __future__ import annotations
 
@@ -92,6 +92,29 @@ def _edit_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attention_args(p: argparse.ArgumentParser) -> None:
+    """`mmtrace attention [flags]`; its flags, like edit's, are added only when the command is `attention`."""
+    from mmtrace.jobs.attention import AttentionConfig
+
+    p.add_argument("--config", help="YAML file of config keys (flags override it)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run recorded in --out/manifest.json (its config; flags given here override)")
+    add_config_arguments(p, AttentionConfig)
+
+
+def _attention(args: argparse.Namespace) -> int:
+    from mmtrace.jobs.attention import AttentionConfig, attention_config_from_args, print_result, run_attention
+
+    recorded = _recorded_config(args.out, AttentionConfig, "attention") if args.resume else None
+    result = run_attention(attention_config_from_args(args, recorded))
+    red = result.reduced
+    print(f"mmtrace: attention run {result.run_id}: {red.samples} samples ({red.errors} errors); "
+          f"{result.computed_units} units computed, {result.skipped_units} already committed; {result.seconds:.1f} s",
+          file=sys.stderr)
+    print_result(result)
+    return result.exit_code()
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.ray:
         from mmtrace.jobs.bench_ray import bench_ray_scaling
@@ -133,6 +156,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if argv and argv[0] == "edit":
         _edit_args(e)
     e.set_defaults(func=_edit)
+    a = sub.add_parser("attention", allow_abbrev=False,
+                       help="information transfer: attention contributions, knockout and visual-token ablation, "
+                            "visual vs text-only, beside the causal trace of the same samples")
+    if argv and argv[0] == "attention":
+        _attention_args(a)
+    a.set_defaults(func=_attention)
     b = sub.add_parser("bench", help="fast vs reference engine on a tiny 576-image-token LLaVA, in one run")
     b.add_argument("--layers", type=int, default=4)
     b.add_argument("--question", default="This mountain is located in the continent of")

@@ -260,7 +260,7 @@ def _help(f: dataclasses.Field, hint: Any) -> str:
     if typing.get_origin(hint) is tuple and choices:
         text += f"; comma-separated among {','.join(choices)}"
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    shown = ",".join(default) if isinstance(default, tuple) else default
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
     return f"{text} (default: {shown})" if default not in (None, {}, "") else text
 
 

@@ -12,6 +12,8 @@ EditSpec's identity fields, its cases in full, layers, methods, held-out and pre
 source of the code that computes edits (`EDIT_CODE`), since that code is young and its numbers still move.
 A sequential unit (`--sequential N`) hashes the same base, its cases in order, its layer, whether it projects,
 and its held-out and preserved samples.
+An attention unit (`mmtrace attention`) hashes the weights, dtype, templates, the AttentionSpec's identity
+fields, its samples and the source of its code (`ATTENTION_CODE`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmtrace.workers.spec import Sample, TraceSpec, is_identity
+from mmtrace.workers.spec import AttentionSpec, Sample, TraceSpec, is_identity
 
 if TYPE_CHECKING:
     from mmtrace.workers.edit import EditSpec
 
 CODE_ROOTS = ("workers", "jobs", "cluster")
 EDIT_CODE = ("workers/edit.py", "workers/patching.py", "workers/adapters.py", "workers/encoding.py")  # an edit's code
+ATTENTION_CODE = ("workers/attention.py", "workers/patching.py", "workers/adapters.py", "workers/encoding.py",
+                  "workers/trace.py")  # what computes contributions and knockouts
 SHORT = 16  # hex digits of a run id: 64 bits, unique among any realistic number of runs
 
 
@@ -157,7 +161,7 @@ def edit_base(model_fingerprint: str, spec: EditSpec, *, dtype: str = "float32",
     an edit's numbers, and the source of the code that computes them (`EDIT_CODE`)."""
     semantics = {k: v for k, v in asdict(spec).items() if is_identity(type(spec), k)}
     return digest({"model": model_fingerprint, "spec": semantics, "dtype": dtype, "templates": templates or {},
-                   "code": edit_code_digest()})
+                   "code": code_digest(EDIT_CODE)})
 
 
 def edit_unit_id(base: str, cases: Sequence[Any], layers: Sequence[int], methods: Sequence[str],
@@ -196,14 +200,34 @@ def edit_run_id(unit_ids: Sequence[str]) -> str:
 
 
 @functools.cache
-def edit_code_digest() -> str:
-    """The source of the modules whose changes move an edit's numbers: a cached edit from older code is
-    never reused for a result the current code would compute differently."""
+def code_digest(files: tuple[str, ...]) -> str:
+    """The source of the modules whose changes move a job's numbers: a cached result from older code is never
+    reused for a result the current code would compute differently."""
     here = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
-    for name in EDIT_CODE:
+    for name in files:
         h.update((here / name).read_bytes())
     return h.hexdigest()[:SHORT]
+
+
+# ------------------------------------------------------------------------------------------------ attention
+
+
+def attention_base(model_fingerprint: str, spec: AttentionSpec, *, dtype: str = "float32",
+                   templates: dict[str, str] | None = None) -> str:
+    """What every attention unit of a run shares: weights, dtype, templates, the AttentionSpec fields that
+    change its numbers and the source of the code that computes them (`ATTENTION_CODE`)."""
+    semantics = {k: v for k, v in asdict(spec).items() if is_identity(type(spec), k)}
+    return digest({"job": "attention", "model": model_fingerprint, "spec": semantics, "dtype": dtype,
+                   "templates": templates or {}, "code": code_digest(ATTENTION_CODE)})
+
+
+def attention_unit_id(base: str, samples: Sequence[Sample]) -> str:
+    """A readable prefix (the first sample) and a hash of the base and every field of every sample."""
+    h = hashlib.sha256(base.encode())
+    h.update(dataset_digest(samples).encode())
+    first = "".join(c if c.isalnum() or c in "-_." else "_" for c in samples[0].sample_id.replace("/", "-"))[:40]
+    return f"attn-{first}-{h.hexdigest()[:12]}"
 
 
 # ------------------------------------------------------------------------------------------------ the code

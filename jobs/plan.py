@@ -8,13 +8,16 @@ sample computes just those cells.
 An edit unit (`mmtrace edit`) is a few cases x every layer x every method: a worker measures a case's
 unedited model once and reuses it for each of the case's edits. With `--sequential N`, two more units (without
 and with the null-space projection) each make N edits one after another at one layer.
+
+An attention unit (`mmtrace attention`) is a few samples, each analysed whole (contributions, knockouts).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mmtrace.jobs.identity import edit_unit_id, sequential_unit_id, unit_id
+from mmtrace.jobs.identity import attention_unit_id, edit_unit_id, sequential_unit_id, unit_id
+from mmtrace.workers.attention import AttentionUnit
 from mmtrace.workers.edit import EditCase, EditUnit, SequentialUnit
 from mmtrace.workers.spec import Sample
 from mmtrace.workers.worker import TraceUnit
@@ -80,3 +83,9 @@ def plan_sequential_units(cases: Sequence[EditCase], base: str, *, n: int, layer
         units.append(SequentialUnit(unit_id=uid, cases=chosen, layer=layer, null_space=null_space, heldout=heldout,
                                     preserve=kept))
     return units
+
+
+def plan_attention_units(samples: Sequence[Sample], base: str, samples_per_unit: int = 4) -> list[AttentionUnit]:
+    """Units of `samples_per_unit` samples in order, ids from their content."""
+    return [AttentionUnit(unit_id=attention_unit_id(base, chunk), samples=chunk)
+            for chunk in (tuple(samples[lo:lo + samples_per_unit]) for lo in range(0, len(samples), samples_per_unit))]

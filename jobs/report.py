@@ -466,7 +466,7 @@ def _draw_panel(fig, ax, matrix: pd.DataFrame, kind: str, title: str, vmin: floa
     bar.ax.tick_params(labelsize=7)
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=150, bbox_inches="tight")
     return path
@@ -506,7 +506,7 @@ def plot_heatmaps(cells: pd.DataFrame | pa.Table, out_dir: str | os.PathLike, ti
     axes[0].set_ylabel("token role", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)
-    paths = [_save(fig, out_dir / "heatmap.png")]
+    paths = [save_figure(fig, out_dir / "heatmap.png")]
     for kind, (w, h) in zip(kinds, sizes):
         fig = Figure(figsize=(w, h + (0.4 if title else 0)), layout="constrained")
         ax = fig.subplots()
@@ -514,7 +514,7 @@ def plot_heatmaps(cells: pd.DataFrame | pa.Table, out_dir: str | os.PathLike, ti
         ax.set_ylabel("token role", fontsize=9)
         if title:
             fig.suptitle(title, fontsize=11)
-        paths.append(_save(fig, out_dir / f"heatmap_{kind}.png"))
+        paths.append(save_figure(fig, out_dir / f"heatmap_{kind}.png"))
     return paths
 
 
@@ -555,4 +555,4 @@ def plot_comparison(cells_a: pd.DataFrame | pa.Table, cells_b: pd.DataFrame | pa
                         vmin=vmin, vmax=vmax)
             if col == 0:
                 ax.set_ylabel("token role", fontsize=9)
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -37,12 +39,29 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 assert tuple(TORCH_DTYPES) == DTYPES
 # The MLP output projection's name per family: Llama/Mistral/Qwen `down_proj`, Phi `fc2`, GPT-2 `c_proj`.
 DOWN_PROJ_NAMES = ("down_proj", "fc2", "c_proj")
+# The attention's output projection per family: Llama/Mistral/Qwen `o_proj`, Phi `dense`, CLIP-style `out_proj`.
+OUT_PROJ_NAMES = ("o_proj", "dense", "out_proj")
+# Attention implementations that honour an explicit additive mask and, for eager, return their weights.
+MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
 # The per-model settings file mmtrace reads beside a checkpoint (prompt templates); optional.
 SETTINGS_FILE = "mmtrace.json"
 
 
 class SampleError(ValueError):
     """A sample that cannot be encoded; the run records the message for that sample and goes on."""
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """How one attention layer splits its width: query heads, key/value heads (fewer under GQA), head size."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
 
 
 @dataclass(frozen=True)
@@ -115,13 +134,48 @@ class Adapter(ABC):
 
     def down_proj(self, layer: int) -> torch.nn.Linear:
         """The MLP's output projection of `layer`, the matrix an edit rewrites (Llama `down_proj`, Phi `fc2`)."""
-        mlp = self.site("mlp", layer)
-        for name in DOWN_PROJ_NAMES:
-            module = getattr(mlp, name, None)
+        return self._linear(self.site("mlp", layer), DOWN_PROJ_NAMES, f"the MLP of layer {layer}", "edited")
+
+    def _linear(self, parent: torch.nn.Module, names: tuple[str, ...], where: str, purpose: str) -> torch.nn.Linear:
+        """The first of `names` that is a linear submodule of `parent`; a family without one is said plainly."""
+        for name in names:
+            module = getattr(parent, name, None)
             if isinstance(module, torch.nn.Linear):
                 return module
-        raise TypeError(f"{self.name}: the MLP {type(mlp).__name__} of layer {layer} has none of the linear output "
-                        f"projections {DOWN_PROJ_NAMES}, so it cannot be edited")
+        raise TypeError(f"{self.name}: {where} ({type(parent).__name__}) has none of the linear projections {names}, "
+                        f"so it cannot be {purpose}")
+
+    def value_proj(self, layer: int) -> torch.nn.Linear:
+        return self._linear(self.site("attn", layer), ("v_proj",), f"the attention of layer {layer}", "decomposed")
+
+    def out_proj(self, layer: int) -> torch.nn.Linear:
+        """The attention's output projection W_O of `layer` (Llama `o_proj`, Phi `dense`)."""
+        return self._linear(self.site("attn", layer), OUT_PROJ_NAMES, f"the attention of layer {layer}", "decomposed")
+
+    def attention_shape(self, layer: int) -> AttentionShape:
+        attn = self.site("attn", layer)
+        head_dim = int(attn.head_dim)
+        heads = self.out_proj(layer).in_features // head_dim
+        return AttentionShape(heads, heads // int(getattr(attn, "num_key_value_groups", 1)), head_dim)
+
+    @property
+    def attn_implementation(self) -> str:
+        return str(self.decoder.config._attn_implementation)
+
+    @contextmanager
+    def masked_attention(self, eager: bool = False) -> Iterator[str | None]:
+        """Run the decoder's attention with an implementation that takes an explicit mask (eager when `eager`,
+        to get the weights back). Yields a note when it had to switch, for the caller to say so."""
+        current = self.attn_implementation
+        wanted = "eager" if eager or current not in MASKED_IMPLEMENTATIONS else current
+        if wanted == current:
+            yield None
+            return
+        self.decoder.config._attn_implementation = wanted
+        try:
+            yield f"{self.name}: attention ran as {wanted!r} for this pass (the model runs {current!r})"
+        finally:
+            self.decoder.config._attn_implementation = current
 
     def answer_ids(self, text: str) -> list[int]:
         """The tokens of an answer as the model would write it after the prompt (after a space)."""

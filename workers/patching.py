@@ -7,6 +7,9 @@ forward pass, taking clean values from a `Source`: either states recorded from a
 reference engine). `recording` captures states; `perturbing` edits the token embeddings of chosen rows
 (Gaussian-noise corruption); `capturing` takes one site's input and output at one position per row (an
 edit's key and value) and `shifting` adds a vector to a site's output there, differentiably (an edit's δ).
+`knocking_out` blocks attention edges (a `Knockout` per row: source positions no longer visible to target
+positions in some layers) by rewriting the mask each attention layer receives; `recording_attention` keeps
+each layer's attention weights and value vectors (the parts of an attention contribution).
 Engines, attention knockout and edits all go through here, so there is one place that knows module output
 shapes.
 """
@@ -69,19 +72,19 @@ class Recorded:
 
 
 class _OnDevice:
-    """An index list as a tensor on whichever device the hooked module's output lives, made once per device.
+    """An index list (or a tensor) on whichever device the hooked module's output lives, copied once per device.
 
     Hooks see outputs on the model's device (CUDA, or one device per layer when a model is sharded), so the
     indices follow the output rather than the CPU where the cells were listed.
     """
 
-    def __init__(self, values: Sequence[int]):
-        self.values = list(values)
+    def __init__(self, values: Sequence[int] | torch.Tensor):
+        self.value = values if isinstance(values, torch.Tensor) else torch.tensor(list(values), dtype=torch.long)
         self.by_device: dict[torch.device, torch.Tensor] = {}
 
     def on(self, device: torch.device) -> torch.Tensor:
         if device not in self.by_device:
-            self.by_device[device] = torch.tensor(self.values, dtype=torch.long, device=device)
+            self.by_device[device] = self.value.to(device)
         return self.by_device[device]
 
 
@@ -242,3 +245,104 @@ def capturing(adapter, kind: str, layer: int, positions: Sequence[int]) -> Itera
         yield box
     finally:
         handle.remove()
+
+
+@dataclass(frozen=True)
+class Knockout:
+    """In each of `layers`, hide the keys at absolute `sources` from the queries at absolute `targets`."""
+
+    layers: tuple[int, ...]
+    sources: tuple[int, ...]
+    targets: tuple[int, ...]
+
+
+def knockout_masks(rows: Sequence[Sequence[Knockout]], layers: int, offset: int, q_len: int,
+                   dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """layer -> an additive (rows, 1, q_len, offset + q_len) mask: causal, plus the rows' blocked edges there.
+
+    Queries are the absolute positions offset..offset+q_len-1 and keys 0..offset+q_len-1 (rows unpadded). A
+    query never loses its own key, so no row of the softmax is empty. Layers no row blocks get no mask (the
+    model's own mask serves them).
+    """
+    k_len = offset + q_len
+    causal = torch.ones(q_len, k_len, dtype=torch.bool).tril(offset)
+    allowed: dict[int, torch.Tensor] = {}
+    for b, knockouts in enumerate(rows):
+        for ko in knockouts:
+            sources = torch.tensor(ko.sources, dtype=torch.long)
+            targets = torch.tensor([t - offset for t in ko.targets if offset <= t < k_len], dtype=torch.long)
+            for layer in ko.layers:
+                if layer not in allowed:
+                    allowed[layer] = causal.expand(len(rows), q_len, k_len).clone()
+                block = torch.zeros(q_len, k_len, dtype=torch.bool)
+                block[targets.unsqueeze(1), sources.unsqueeze(0)] = True
+                block[torch.arange(q_len), torch.arange(q_len) + offset] = False
+                allowed[layer][b] &= ~block
+    low = torch.finfo(dtype).min
+    return {layer: torch.zeros(m.shape, dtype=dtype).masked_fill(~m, low).unsqueeze(1) for layer, m in allowed.items()
+            if layer < layers}
+
+
+@contextmanager
+def knocking_out(adapter, rows: Sequence[Sequence[Knockout]], q_len: int, offset: int = 0) -> Iterator[None]:
+    """Apply `rows[b]` to batch row b during forwards of `q_len` positions from `offset` inside the block.
+
+    The mask, not the values: each blocked layer's attention is called with an explicit additive mask, which
+    eager and SDPA attention both honour (`masked_attention` switches any other implementation to eager).
+    """
+    masks = knockout_masks(rows, adapter.num_layers, offset, q_len, adapter.dtype)
+    handles = []
+    try:
+        for layer, mask in masks.items():
+            on = _OnDevice(mask)
+
+            def pre_hook(module, args, kwargs, on=on):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                kwargs["attention_mask"] = on.on(hidden.device).to(hidden.dtype)
+                return args, kwargs
+
+            handles.append(adapter.site("attn", layer).register_forward_pre_hook(pre_hook, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class AttentionRecord:
+    """Row 0's attention at one layer: `weights` (heads, T, T) and the values `values` (T, kv heads, head dim)."""
+
+    weights: torch.Tensor
+    values: torch.Tensor
+
+
+@contextmanager
+def recording_attention(adapter, layers: Sequence[int]) -> Iterator[dict[int, AttentionRecord]]:
+    """Row 0's attention weights and value vectors at each of `layers`, filled during a full forward (no cache).
+
+    The weights are what the attention returns beside its output, so the pass must run eager attention
+    (`masked_attention(adapter, eager=True)`); the values are the value projection's output, split by head.
+    """
+    store: dict[int, AttentionRecord] = {}
+    values: dict[int, torch.Tensor] = {}
+    handles = []
+    try:
+        for layer in layers:
+            attn = adapter.site("attn", layer)
+            head_dim = adapter.attention_shape(layer).head_dim
+
+            def v_hook(module, args, output, layer=layer, head_dim=head_dim):
+                values[layer] = output[0].detach().unflatten(-1, (-1, head_dim)).clone()
+
+            def hook(module, args, output, layer=layer):
+                weights = output[1] if isinstance(output, tuple) else None
+                if weights is None:
+                    raise RuntimeError("attention weights were not returned: run the pass with eager attention")
+                store[layer] = AttentionRecord(weights[0].detach().clone(), values.pop(layer))
+
+            handles.append(adapter.value_proj(layer).register_forward_hook(v_hook))
+            handles.append(attn.register_forward_hook(hook))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

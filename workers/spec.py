@@ -245,3 +245,36 @@ class EditSpec:
             raise ValueError("lam, keep_weight, steps, ft_steps and views must be >= 0")
         if self.clamp <= 0 or self.null_lam <= 0:
             raise ValueError("clamp and null_lam must be > 0 (a projected update with null_lam 0 can be singular)")
+
+
+# An attention edge: (source set, target set). image = the image tokens, constraint = its tokens, last = the
+# final position, text = every position after the image.
+EDGES = {"image->constraint": ("image", "constraint"), "image->last": ("image", "last"),
+         "constraint->last": ("constraint", "last"), "image->text": ("image", "text")}
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What `mmtrace attention` measures per sample (`workers/attention.py`)."""
+
+    band: int = option(1, identity=True, help="consecutive layers knocked out together in the edge sweep")
+    edges: tuple[str, ...] = option(tuple(EDGES), choices=tuple(EDGES), identity=True,
+                                    help="edges knocked out, band by band (those a text-only sample lacks are "
+                                         "skipped)")
+    ks: tuple[int, ...] = option((1, 2, 4, 8, 12, 16, 64, 256), identity=True,
+                                 help="numbers of visual tokens knocked out (top by contribution vs random); those "
+                                      "larger than a sample's image are skipped")
+    draws: int = option(5, identity=True, help="random draws of k visual tokens per k")
+    seed: int = option(0, identity=True, help="seed of the random draws (per sample, k and draw)")
+    top_k: int = option(8, identity=True, help="visual tokens marked top in tokens.parquet and outlined in the PNG")
+    heads: bool = option(True, identity=True, help="attention.parquet rows per head as well as summed over heads")
+    max_batch: int = option(64, identity=False, help="rows per batched knockout pass")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "edges", tuple(self.edges))
+        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        bad = [e for e in self.edges if e not in EDGES]
+        if bad:
+            raise ValueError(f"edges: {bad} not among {tuple(EDGES)}")
+        if min((self.band, self.top_k, self.max_batch, *self.ks), default=1) < 1 or self.draws < 0:
+            raise ValueError("band, top_k, max_batch and every k must be >= 1, draws >= 0")

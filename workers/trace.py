@@ -109,6 +109,15 @@ def grid(enc: Encoded, spec: TraceSpec, num_layers: int,
     return [CellKey(kind, layer, pos) for kind, layer in pairs for pos in range(enc.first_traced, enc.length)]
 
 
+def fork_cache(cache, position: int, length: int, rows: int):
+    """A copy of a one-row KV cache of `length` positions, cut to its first `position` and repeated for `rows`
+    rows (a forward appends to the cache it is given, so each batched pass needs its own)."""
+    cache = copy.deepcopy(cache)
+    cache.crop(position - length)  # a negative count: drop the last length - position states
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
 def _prob(logits: torch.Tensor, target: int) -> torch.Tensor:
     return logits[:, -1].float().softmax(-1)[:, target]
 
@@ -254,9 +263,7 @@ class FastEngine(Engine):
     def _run(self, prep: Prepared, position: int, keys: list[CellKey]) -> torch.Tensor:
         """One batched pass: rows restore their cell at `position`, on the corrupted cache cropped there."""
         n, rows = self.adapter.num_layers, len(keys)
-        cache = copy.deepcopy(prep.extra["cache"])
-        cache.crop(position - prep.enc.length)  # a negative count: drop the last T - position states
-        cache.batch_repeat_interleave(rows)
+        cache = fork_cache(prep.extra["cache"], position, prep.enc.length, rows)
         embeds = prep.extra["embeds"][:, position:].expand(rows, -1, -1)
         restores = [[Restore(k.kind, self.spec.layers_for(k.layer, n), position)] for k in keys]
         with restoring(self.adapter, restores, prep.extra["states"], offset=position):
