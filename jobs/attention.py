@@ -66,12 +66,10 @@ CSVS = {"by_layer": "attention_by_layer.csv", "knockout": "knockout_by_band.csv"
         "comparison": "comparison.csv"}
 PLOTS = {"by_layer": "attention_by_layer.png", "knockout": "knockout.png", "ablation": "ablation.png",
          "patches": "patches.png", "visual_vs_text": "visual_vs_text.png"}
-TRACE_DIRS = {"visual": "trace", "text": "trace-text"}
+TRACE_DIRS = {"dataset": "trace", "twin": "trace-text"}  # where the trace of each side goes
 # The per-layer flows: (source, target) of attention.parquet, as the paper names them.
 FLOWS = {"image->constraint": ("image", "constraint"), "constraint->last": ("constraint", "last"),
          "other->last": ("other", "last")}
-# The trace cells the flow story names: the MLP at the constraint's last token, the attention at the last token.
-TRACE_CELLS = {"mlp@constraint_last": ("mlp", "constraint_last"), "attn@last": ("attn", "last")}
 VARIANT_STYLE = {"visual": "-", "text": "--"}
 
 
@@ -159,7 +157,8 @@ def twin_spec(cfg: AttentionConfig) -> str | None:
 
 
 def load_attention_samples(cfg: AttentionConfig) -> tuple[list[Sample], list[Sample]]:
-    """The run's samples and their twins (ids must not collide: the tables tell them apart by id)."""
+    """The run's samples and their twins. Rows are told apart by id and labelled visual or text by whether
+    they hold an image, so the ids must not collide and the twins must be text-only."""
     from mmtrace.jobs.datasets import resolve_dataset
 
     def load(spec: str) -> list[Sample]:
@@ -172,7 +171,24 @@ def load_attention_samples(cfg: AttentionConfig) -> tuple[list[Sample], list[Sam
     clash = sorted({s.sample_id for s in samples} & {s.sample_id for s in twins})
     if clash:
         raise ValueError(f"--twin {twin}: sample ids {clash[:3]} are in both datasets; twins need ids of their own")
+    if any(s.is_visual for s in twins):
+        raise ValueError(f"--twin {twin}: its questions have images; the twin is the text-only side (or --twin none)")
+    if twins and not any(s.is_visual for s in samples):
+        raise ValueError(f"--dataset {cfg.dataset} is text-only: give the visual questions as --dataset and their "
+                         "text-only twins as --twin")
     return samples, twins
+
+
+def trace_runs(cfg: AttentionConfig, samples: Sequence[Sample]) -> dict[str, tuple[str, str]]:
+    """variant -> (dataset, folder) of each trace this run makes: the dataset's (visual unless it has no
+    image) and the twins' (text)."""
+    if not cfg.trace:
+        return {}
+    runs = {"visual" if any(s.is_visual for s in samples) else "text": (cfg.dataset, TRACE_DIRS["dataset"])}
+    twin = twin_spec(cfg)
+    if twin:
+        runs["text"] = (twin, TRACE_DIRS["twin"])
+    return runs
 
 
 def trace_config(cfg: AttentionConfig, dataset: str, out: Path):
@@ -212,13 +228,17 @@ class AttentionSink:
 
 @dataclass
 class AttentionPlan:
+    """What the driver decided before any work: the model, the units, the trace runs (variant -> (dataset,
+    folder)) and the manifest."""
+
     model: ModelSpec
     units: list[AttentionUnit]
+    traces: dict[str, tuple[str, str]]
     manifest: dict
 
     @property
     def run_id(self) -> str:
-        return identity.digest([u.unit_id for u in self.units], identity.SHORT)
+        return str(self.manifest["run_id"])
 
 
 def plan_attention(cfg: AttentionConfig) -> AttentionPlan:
@@ -241,7 +261,7 @@ def plan_attention(cfg: AttentionConfig) -> AttentionPlan:
                 "dataset": {"spec": cfg.dataset, "digest": identity.dataset_digest(samples), "samples": len(samples)},
                 "twin": {"spec": twin_spec(cfg), "digest": identity.dataset_digest(twins), "samples": len(twins)},
                 "code_version": identity.code_version(), "units": unit_ids}
-    return AttentionPlan(model=model, units=units, manifest=manifest)
+    return AttentionPlan(model=model, units=units, traces=trace_runs(cfg, samples), manifest=manifest)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -275,8 +295,8 @@ class AttentionRunResult:
                 and all(t.complete for t in self.traces.values()))
 
     def exit_code(self) -> int:
-        """0 when every unit is in and some sample analysed; 3 when units are left (said on stderr); 1 when
-        every sample was a bad row."""
+        """0 when every unit is in and some sample analysed (or there were none); 3 when units are left (said on
+        stderr); 1 when every sample was a bad row."""
         if not self.complete:
             for trace in self.traces.values():
                 if not trace.complete:
@@ -304,11 +324,10 @@ def _execute(cfg: AttentionConfig, executor, factory, todo: list[AttentionUnit],
     return failed
 
 
-def run_traces(cfg: AttentionConfig) -> dict[str, RunResult]:
+def run_traces(cfg: AttentionConfig, runs: Mapping[str, tuple[str, str]]) -> dict[str, RunResult]:
     """The causal trace of the samples and of their twins, each an ordinary trace run inside this run's folder."""
-    specs = {"visual": cfg.dataset, "text": twin_spec(cfg)}
-    return {variant: run_trace(trace_config(cfg, dataset, Path(cfg.out) / TRACE_DIRS[variant]))
-            for variant, dataset in specs.items() if dataset}
+    return {variant: run_trace(trace_config(cfg, dataset, Path(cfg.out) / folder))
+            for variant, (dataset, folder) in runs.items()}
 
 
 def run_attention(cfg: AttentionConfig) -> AttentionRunResult:
@@ -319,7 +338,7 @@ def run_attention(cfg: AttentionConfig) -> AttentionRunResult:
     store = RunStore(cfg.out)
     store.clean_partial()
     store.write_manifest(plan.manifest)
-    traces = run_traces(cfg) if cfg.trace else {}
+    traces = run_traces(cfg, plan.traces)
     committed = store.committed()
     todo = [u for u in plan.units if u.unit_id not in committed]
     executor = make_executor(cfg.backend.name, **executor_options(cfg))
@@ -328,7 +347,8 @@ def run_attention(cfg: AttentionConfig) -> AttentionRunResult:
     array = getattr(executor, "last_array_id", None)  # Slurm: the reduce job waits for the array (afterok)
     reduced = executor.submit(reduce_attention, cfg.out, [u.unit_id for u in plan.units], plots=cfg.plots,
                               title=f"{Path(cfg.model).name} on {cfg.dataset}", patches=cfg.patches,
-                              top_k=cfg.spec.top_k, **({"after": [array]} if array and not failed else {}))
+                              top_k=cfg.spec.top_k, traces={v: f for v, (_, f) in plan.traces.items()},
+                              **({"after": [array]} if array and not failed else {}))
     return AttentionRunResult(run_id=plan.run_id, out=Path(cfg.out), computed_units=len(todo) - len(failed),
                               skipped_units=len(plan.units) - len(todo), reduced=reduced.result(),
                               seconds=time.perf_counter() - started, traces=traces, failed=failed)
@@ -366,23 +386,29 @@ def knockout_by_band(knockout: pd.DataFrame) -> pd.DataFrame:
 
 
 def ablation_by_k(knockout: pd.DataFrame) -> pd.DataFrame:
-    """Per selection (top / random) and k: the mean drop over samples (random draws first averaged within a
-    sample), its standard error, and n."""
+    """Per selection and k: the mean drop over samples (random draws first averaged within a sample), its
+    standard error and n; selection `gap` is top minus random, paired within each sample."""
     rows = knockout[knockout["selection"].isin(["top", "random"])]
     per_sample = rows.groupby(["variant", "selection", "k", "sample_id"])["drop"].mean().reset_index()
+    paired = per_sample.pivot_table(index=["variant", "k", "sample_id"], columns="selection", values="drop")
+    if {"top", "random"} <= set(paired.columns):
+        gap = (paired["top"] - paired["random"]).rename("drop").reset_index().assign(selection="gap")
+        per_sample = pd.concat([per_sample, gap[per_sample.columns]])
     table = per_sample.groupby(["variant", "selection", "k"])["drop"].agg(["mean", "sem", "count"]).reset_index()
     return table.astype({"k": int}).rename(columns={"mean": "drop", "sem": "stderr", "count": "n"})
 
 
 def trace_by_layer(cells: pd.DataFrame) -> pd.DataFrame:
     """A trace run's mean indirect effect per layer of the two cells the flow story names: the MLP at the
-    constraint's last token and the attention at the last token (within a sample first, then across)."""
-    frames = []
-    for name, (kind, role) in TRACE_CELLS.items():
-        part = cells[(cells["kind"] == kind) & (cells["aligned_role"] == role)]
-        per_sample = part.groupby(["sample_id", "layer"])["ie"].mean().reset_index()
-        frames.append(per_sample.groupby("layer")["ie"].mean().rename(name))
-    return pd.concat(frames, axis=1) if frames else pd.DataFrame()
+    constraint's last token (its only token for a one-token constraint) and the attention at the last token
+    (within a sample first, then across)."""
+    constraint = cells[(cells["kind"] == "mlp") & (cells["token_role"] == "constraint")]
+    parts = {"mlp@constraint_last": constraint[constraint["position"]
+                                               == constraint.groupby("sample_id")["position"].transform("max")],
+             "attn@last": cells[(cells["kind"] == "attn") & (cells["token_role"] == "last")]}
+    frames = [part.groupby(["sample_id", "layer"])["ie"].mean().groupby("layer").mean().rename(name)
+              for name, part in parts.items()]
+    return pd.concat(frames, axis=1)
 
 
 def comparison(flows: pd.DataFrame, bands: pd.DataFrame, traces: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
@@ -403,6 +429,13 @@ def comparison(flows: pd.DataFrame, bands: pd.DataFrame, traces: Mapping[str, pd
     return table.reset_index()
 
 
+def trace_window(run: Path) -> str:
+    """How wide a trace run's restorations were, from its manifest (the agreement compares a knockout band of
+    `--band` layers with trace cells of this window)."""
+    config = json.loads((run / "manifest.json").read_text())["config"]
+    return f"window {config['window']}, {config['window_style']}"
+
+
 def read_trace(run: Path) -> pd.DataFrame | None:
     """A trace run's per-layer effects, or None when it has no cells yet."""
     try:
@@ -412,9 +445,10 @@ def read_trace(run: Path) -> pd.DataFrame | None:
 
 
 def reduce_attention(out: str | Path, unit_ids: list[str], plots: bool = True, title: str | None = None,
-                     patches: int = 4, top_k: int = 8) -> AttentionReduced:
+                     patches: int = 4, top_k: int = 8, traces: Mapping[str, str] | None = None) -> AttentionReduced:
     """Merge the committed units among `unit_ids` into the four tables, the CSVs, attention.md and the PNGs,
-    each written atomically; running it twice gives the same files."""
+    each written atomically; running it twice gives the same files. `traces` (variant -> folder in `out`) names
+    the trace runs this run made: only those are compared (an earlier run's may be of other samples)."""
     out = Path(out)
     store = RunStore(out)
     committed = store.committed()
@@ -426,24 +460,26 @@ def reduce_attention(out: str | Path, unit_ids: list[str], plots: bool = True, t
         paths[key] = out / TABLES[key][0]
     frames = {key: table.to_pandas() for key, table in tables.items()}
     ok = frames["samples"][frames["samples"]["status"] == "ok"]
-    traces = {v: t for v, t in ((v, read_trace(out / d)) for v, d in TRACE_DIRS.items()) if t is not None}
+    folders = dict(traces or {})
+    effects = {v: t for v, t in ((v, read_trace(out / f)) for v, f in folders.items()) if t is not None}
     summaries = {"by_layer": flows_by_layer(frames["attention"]), "knockout": knockout_by_band(frames["knockout"]),
                  "ablation": ablation_by_k(frames["knockout"])}
-    summaries["comparison"] = comparison(summaries["by_layer"], summaries["knockout"], traces)
+    summaries["comparison"] = comparison(summaries["by_layer"], summaries["knockout"], effects)
     for key, frame in summaries.items():
         with atomic_path(out / CSVS[key]) as tmp:
             frame.to_csv(tmp, index=False)
         paths[f"{key}_csv"] = out / CSVS[key]
     missing = [u for u in unit_ids if u not in committed]
-    markdown = attention_markdown(summaries, traces, len(frames["samples"]), len(frames["samples"]) - len(ok),
-                                  len(missing), title)
+    windows = {v: trace_window(out / folders[v]) for v in effects}
+    markdown = attention_markdown(summaries, effects, len(frames["samples"]), len(frames["samples"]) - len(ok),
+                                  len(missing), title, windows)
     with atomic_path(out / SUMMARY_MD) as tmp:
         tmp.write_text(markdown, encoding="utf-8")
     paths["summary_md"] = out / SUMMARY_MD
     for name in PLOTS.values():
         (out / name).unlink(missing_ok=True)
     if plots and len(ok):
-        paths.update(draw_all(out, summaries, frames, title, patches, top_k))
+        paths.update(draw_all(out, summaries, frames, title, patches, top_k, folders))
     return AttentionReduced(samples=len(frames["samples"]), errors=len(frames["samples"]) - len(ok), paths=paths,
                             summary_markdown=markdown, missing_units=missing)
 
@@ -461,6 +497,7 @@ class Agreement:
     drop: float
     trace_layer: int | None
     trace_ie: float | None
+    trace_window: str | None = None
 
     @property
     def agrees(self) -> bool | None:
@@ -474,11 +511,12 @@ class Agreement:
         if self.trace_layer is None:
             return text + "; no trace to compare with."
         verdict = "agrees" if self.agrees else "disagrees"
-        return (text + f"; the causal trace's attention at the last token peaks at layer {self.trace_layer} "
-                f"(mean ie {self.trace_ie:.3f}): it {verdict}.")
+        return (text + f"; the causal trace's attention at the last token ({self.trace_window}) peaks at layer "
+                f"{self.trace_layer} (mean ie {self.trace_ie:.3f}): it {verdict}.")
 
 
-def agreements(bands: pd.DataFrame, traces: Mapping[str, pd.DataFrame]) -> list[Agreement]:
+def agreements(bands: pd.DataFrame, traces: Mapping[str, pd.DataFrame],
+               windows: Mapping[str, str] | None = None) -> list[Agreement]:
     found = []
     for variant, part in bands[bands["edge"] == "constraint->last"].groupby("variant"):
         best = part.loc[part["drop"].idxmax()]
@@ -487,7 +525,7 @@ def agreements(bands: pd.DataFrame, traces: Mapping[str, pd.DataFrame]) -> list[
         if trace is not None and "attn@last" in trace and trace["attn@last"].notna().any():
             layer, ie = int(trace["attn@last"].idxmax()), float(trace["attn@last"].max())
         found.append(Agreement(str(variant), (int(best["layer_lo"]), int(best["layer_hi"])), float(best["drop"]),
-                               layer, ie))
+                               layer, ie, (windows or {}).get(str(variant))))
     return found
 
 
@@ -504,11 +542,12 @@ def _md_table(frame: pd.DataFrame, digits: int = 3) -> list[str]:
 
 
 def attention_markdown(summaries: Mapping[str, pd.DataFrame], traces: Mapping[str, pd.DataFrame], samples: int,
-                       errors: int, missing: int, title: str | None) -> str:
+                       errors: int, missing: int, title: str | None, windows: Mapping[str, str] | None = None) -> str:
     lines = [f"# Information transfer{': ' + title if title else ''}", "",
              f"{samples - errors} samples analysed, {errors} errors, {missing} units missing.", ""]
     lines += ["## Where constraint → last matters", ""]
-    lines += [f"- {a.sentence()}" for a in agreements(summaries["knockout"], traces)] or ["- no knockout rows"]
+    found = agreements(summaries["knockout"], traces, windows)
+    lines += [f"- {a.sentence()}" for a in found] or ["- no knockout rows"]
     flows = summaries["by_layer"]
     if len(flows):
         wide = flows.pivot_table(index="layer", columns=["flow", "variant"], values="contribution")
@@ -518,7 +557,9 @@ def attention_markdown(summaries: Mapping[str, pd.DataFrame], traces: Mapping[st
     ablation = summaries["ablation"]
     if len(ablation):
         wide = ablation.pivot_table(index="k", columns="selection", values="drop")
-        lines += ["", "## Visual-token ablation: mean drop in p(answer)", ""] + _md_table(wide.reset_index())
+        wide["gap stderr"] = ablation[ablation["selection"] == "gap"].set_index("k")["stderr"]
+        lines += ["", "## Visual-token ablation: mean drop in p(answer) (gap: top − random, paired per sample)", ""]
+        lines += _md_table(wide.reset_index())
     lines += ["", "## Visual vs text, per layer", ""] + _md_table(summaries["comparison"])
     return "\n".join(lines) + "\n"
 
@@ -527,7 +568,7 @@ def attention_markdown(summaries: Mapping[str, pd.DataFrame], traces: Mapping[st
 
 
 def draw_all(out: Path, summaries: Mapping[str, pd.DataFrame], frames: Mapping[str, pd.DataFrame],
-             title: str | None, patches: int, top_k: int) -> dict[str, Path]:
+             title: str | None, patches: int, top_k: int, traces: Mapping[str, str]) -> dict[str, Path]:
     paths = {"by_layer_plot": plot_flows(summaries["by_layer"], out / PLOTS["by_layer"], title),
              "knockout_plot": plot_knockout(summaries["knockout"], out / PLOTS["knockout"], title)}
     if len(summaries["ablation"]):
@@ -535,8 +576,8 @@ def draw_all(out: Path, summaries: Mapping[str, pd.DataFrame], frames: Mapping[s
     drawn = plot_patches(frames["tokens"], frames["samples"], out / PLOTS["patches"], patches, top_k)
     if drawn is not None:
         paths["patches_plot"] = drawn
-    runs = [out / TRACE_DIRS[v] for v in ("visual", "text")]
-    if all((run / report.CELLS_DIR).exists() for run in runs):
+    runs = [out / traces[v] for v in ("visual", "text") if v in traces]
+    if len(runs) == 2 and all((run / report.CELLS_DIR).exists() for run in runs):
         paths["visual_vs_text_plot"] = report.plot_comparison(report.read_cells(runs[0]), report.read_cells(runs[1]),
                                                               ["visual", "text-only"], out / PLOTS["visual_vs_text"])
     return paths
@@ -584,7 +625,7 @@ def plot_ablation(ablation: pd.DataFrame, path: Path, title: str | None) -> Path
     """The mean drop against k: the top-k visual tokens by contribution vs k random ones (± 1 standard error)."""
     fig, axes = _figure(1, title)
     ax = axes[0]
-    for selection, part in ablation.groupby("selection"):
+    for selection, part in ablation[ablation["selection"] != "gap"].groupby("selection"):
         ax.errorbar(part["k"], part["drop"], yerr=part["stderr"].fillna(0), marker="o", capsize=3,
                     label=f"{selection}-k visual tokens")
     ax.set_xscale("log", base=2)

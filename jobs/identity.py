@@ -33,9 +33,10 @@ if TYPE_CHECKING:
     from mmtrace.workers.edit import EditSpec
 
 CODE_ROOTS = ("workers", "jobs", "cluster")
-EDIT_CODE = ("workers/edit.py", "workers/patching.py", "workers/adapters.py", "workers/encoding.py")  # an edit's code
+EDIT_CODE = ("workers/edit.py", "workers/patching.py", "workers/adapters.py", "workers/encoding.py",
+             "workers/spec.py")  # an edit's code
 ATTENTION_CODE = ("workers/attention.py", "workers/patching.py", "workers/adapters.py", "workers/encoding.py",
-                  "workers/trace.py")  # what computes contributions and knockouts
+                  "workers/trace.py", "workers/spec.py")  # what computes contributions and knockouts
 SHORT = 16  # hex digits of a run id: 64 bits, unique among any realistic number of runs
 
 

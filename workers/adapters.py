@@ -39,8 +39,8 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 assert tuple(TORCH_DTYPES) == DTYPES
 # The MLP output projection's name per family: Llama/Mistral/Qwen `down_proj`, Phi `fc2`, GPT-2 `c_proj`.
 DOWN_PROJ_NAMES = ("down_proj", "fc2", "c_proj")
-# The attention's output projection per family: Llama/Mistral/Qwen `o_proj`, Phi `dense`, CLIP-style `out_proj`.
-OUT_PROJ_NAMES = ("o_proj", "dense", "out_proj")
+# The attention's output projection per family: Llama/Mistral/Qwen `o_proj`, Phi `dense`.
+OUT_PROJ_NAMES = ("o_proj", "dense")
 # Attention implementations that honour an explicit additive mask and, for eager, return their weights.
 MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
 # The per-model settings file mmtrace reads beside a checkpoint (prompt templates); optional.

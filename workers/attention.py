@@ -34,7 +34,6 @@ from mmtrace.workers.worker import ModelSpec
 SOURCES = ("image", "constraint", "other")  # a partition of every position a target can see
 TARGETS = ("constraint", "last")
 ALL_HEADS = -1  # the `head` of a row summed over heads
-SELECTIONS = ("all", "top", "random")  # which of an edge's sources a knockout row hides
 
 ATTENTION_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("variant", pa.string()), ("layer", pa.int32()), ("head", pa.int32()),
@@ -54,8 +53,8 @@ ATTENTION_SAMPLE_SCHEMA = pa.schema([
     ("constraint", pa.string()), ("answer", pa.string()), ("image", pa.string()), ("answer_token", pa.string()),
     ("answer_token_id", pa.int64()), ("p_clean", pa.float64()), ("num_tokens", pa.int32()),
     ("image_start", pa.int32()), ("image_end", pa.int32()), ("constraint_start", pa.int32()),
-    ("constraint_end", pa.int32()), ("attn_implementation", pa.string()), ("status", pa.string()),
-    ("error", pa.string()),
+    ("constraint_end", pa.int32()), ("placeholder_image", pa.bool_()), ("attn_implementation", pa.string()),
+    ("status", pa.string()), ("error", pa.string()),
 ])
 
 
@@ -110,6 +109,7 @@ def set_terms(weights: torch.Tensor, outputs: torch.Tensor, sources: tuple[int, 
 def layer_rows(rec: AttentionRecord, outputs: torch.Tensor, pos: Positions, layer: int,
                heads: bool) -> list[tuple]:
     """attention.parquet's rows of one layer: (layer, head, source, target, contribution, attention)."""
+    rec = AttentionRecord(rec.weights.double(), rec.values)
     rows = []
     for target in TARGETS:
         t = pos.named(target)
@@ -249,7 +249,8 @@ def sample_row(sample: Sample, run: CleanRun | None, answer: str | None = None, 
            "variant": "visual" if sample.is_visual else "text", "question": sample.question,
            "constraint": sample.constraint, "answer": sample.answer, "image": sample.image, "answer_token": None,
            "answer_token_id": None, "p_clean": None, "num_tokens": None, "image_start": None, "image_end": None,
-           "constraint_start": None, "constraint_end": None, "attn_implementation": note,
+           "constraint_start": None, "constraint_end": None, "placeholder_image": sample.placeholder_image,
+           "attn_implementation": note,
            "status": "error" if error else "ok", "error": error}
     if run is not None:
         enc = run.enc
@@ -306,12 +307,12 @@ def analyse_sample(adapter: Adapter, sample: Sample, spec: AttentionSpec) -> Sam
 def _analyse(adapter: Adapter, sample: Sample, spec: AttentionSpec, note: str | None) -> SampleAttention:
     run = clean_run(adapter, adapter.encode(sample))
     pos, layers = run.pos, adapter.num_layers
-    rows, scores = [], torch.zeros(len(pos.image))
+    rows, scores = [], torch.zeros(len(pos.image), dtype=torch.float64)
     for layer, rec in sorted(run.records.items()):
         outputs = head_outputs(adapter, rec, layer)
         rows += layer_rows(rec, outputs, pos, layer, spec.heads)
         if pos.image:
-            scores += token_scores(rec, outputs, pos)
+            scores += token_scores(rec, outputs, pos).cpu()
     sid, variant = sample.sample_id, pos.variant
     attention = pa.table(dict(zip(ATTENTION_SCHEMA.names, [[sid] * len(rows), [variant] * len(rows),
                                                            *map(list, zip(*rows))])) if rows else

@@ -287,8 +287,9 @@ def knockout_masks(rows: Sequence[Sequence[Knockout]], layers: int, offset: int,
 def knocking_out(adapter, rows: Sequence[Sequence[Knockout]], q_len: int, offset: int = 0) -> Iterator[None]:
     """Apply `rows[b]` to batch row b during forwards of `q_len` positions from `offset` inside the block.
 
-    The mask, not the values: each blocked layer's attention is called with an explicit additive mask, which
-    eager and SDPA attention both honour (`masked_attention` switches any other implementation to eager).
+    The mask, not the values: each blocked layer's attention is called with an explicit additive mask (merged
+    with the model's own), which eager and SDPA attention both honour (`Adapter.masked_attention` switches any
+    other implementation to eager).
     """
     masks = knockout_masks(rows, adapter.num_layers, offset, q_len, adapter.dtype)
     handles = []
@@ -298,7 +299,8 @@ def knocking_out(adapter, rows: Sequence[Sequence[Knockout]], q_len: int, offset
 
             def pre_hook(module, args, kwargs, on=on):
                 hidden = kwargs.get("hidden_states", args[0] if args else None)
-                kwargs["attention_mask"] = on.on(hidden.device).to(hidden.dtype)
+                mine = on.on(hidden.device)
+                kwargs["attention_mask"] = _merged_mask(kwargs.get("attention_mask"), mine, hidden.dtype)
                 return args, kwargs
 
             handles.append(adapter.site("attn", layer).register_forward_pre_hook(pre_hook, with_kwargs=True))
@@ -306,6 +308,16 @@ def knocking_out(adapter, rows: Sequence[Sequence[Knockout]], q_len: int, offset
     finally:
         for h in handles:
             h.remove()
+
+
+def _merged_mask(given, mine: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The knockout mask on top of the model's own, when the model passes one of the same shape (a sliding
+    window, padding): additive masks add, boolean ones (True = attend) are and-ed."""
+    if not isinstance(given, torch.Tensor) or given.shape[-2:] != mine.shape[-2:]:
+        return mine.to(dtype)
+    if given.dtype == torch.bool:
+        return given & (mine == 0)
+    return (given.to(dtype) + mine.to(dtype)).clamp_min(torch.finfo(dtype).min)
 
 
 @dataclass
@@ -321,7 +333,7 @@ def recording_attention(adapter, layers: Sequence[int]) -> Iterator[dict[int, At
     """Row 0's attention weights and value vectors at each of `layers`, filled during a full forward (no cache).
 
     The weights are what the attention returns beside its output, so the pass must run eager attention
-    (`masked_attention(adapter, eager=True)`); the values are the value projection's output, split by head.
+    (`adapter.masked_attention(eager=True)`); the values are the value projection's output, split by head.
     """
     store: dict[int, AttentionRecord] = {}
     values: dict[int, torch.Tensor] = {}

@@ -268,11 +268,13 @@ class AttentionSpec:
     seed: int = option(0, identity=True, help="seed of the random draws (per sample, k and draw)")
     top_k: int = option(8, identity=True, help="visual tokens marked top in tokens.parquet and outlined in the PNG")
     heads: bool = option(True, identity=True, help="attention.parquet rows per head as well as summed over heads")
-    max_batch: int = option(64, identity=False, help="rows per batched knockout pass")
+    max_batch: int = option(16, identity=False,
+                            help="rows per batched knockout pass (each row holds its own copy of the prompt's KV "
+                                 "cache)")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "edges", tuple(self.edges))
-        object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
+        object.__setattr__(self, "edges", tuple(dict.fromkeys(self.edges)))
+        object.__setattr__(self, "ks", tuple(sorted({int(k) for k in self.ks})))
         bad = [e for e in self.edges if e not in EDGES]
         if bad:
             raise ValueError(f"edges: {bad} not among {tuple(EDGES)}")

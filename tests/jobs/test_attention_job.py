@@ -15,7 +15,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from mmtrace.jobs.attention import CSVS, PLOTS, TABLES, attention_config, run_attention, twin_spec
+from mmtrace.jobs.attention import (
+    CSVS,
+    PLOTS,
+    TABLES,
+    attention_config,
+    load_attention_samples,
+    run_attention,
+    twin_spec,
+)
 
 LIMIT = 3
 
@@ -82,6 +90,26 @@ def test_twins_follow_the_dataset():
     assert twin_spec(attention_config(dataset="organism:composed")) == "organism:composed-text"
     assert twin_spec(attention_config(dataset="organism:text")) is None
     assert twin_spec(attention_config(dataset="organism", twin="none")) is None
+
+
+def test_twins_must_be_text_only_and_follow_visual_questions():
+    with pytest.raises(ValueError, match="text-only side"):
+        load_attention_samples(attention_config(limit=2, twin="organism:named"))
+    with pytest.raises(ValueError, match="is text-only"):
+        load_attention_samples(attention_config(limit=2, dataset="organism:text", twin="organism:composed-text"))
+
+
+def test_only_this_runs_traces_are_compared(run, tmp_path):
+    """A run without traces into a folder that holds an earlier run's does not compare against them."""
+    out, _ = run
+    again = run_attention(attention_config(limit=LIMIT, ks="1,2,16", draws=3, progress=False, out=str(out),
+                                           trace=False))
+    assert "no trace to compare with" in again.reduced.summary_markdown
+    comparison = pd.read_csv(out / CSVS["comparison"])
+    assert not [c for c in comparison.columns if c.startswith("ie_")]
+    assert not (out / PLOTS["visual_vs_text"]).exists()
+    run_attention(attention_config(limit=LIMIT, ks="1,2,16", draws=3, progress=False, out=str(out)))
+    assert (out / PLOTS["visual_vs_text"]).exists()
 
 
 @pytest.mark.parametrize("flags, message", [({"edges": "image->nowhere"}, "edges"),

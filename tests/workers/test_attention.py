@@ -22,6 +22,7 @@ from dataclasses import astuple, dataclass
 import pytest
 import torch
 
+from mmtrace.workers.adapters import load_adapter
 from mmtrace.workers.attention import (
     AttentionUnit,
     AttentionWorker,
@@ -37,6 +38,7 @@ from mmtrace.workers.attention import (
 )
 from mmtrace.workers.patching import Knockout, knockout_masks, recording_attention
 from mmtrace.workers.spec import BLANK_IMAGE, AttentionSpec, Sample
+from mmtrace.workers.toy import build_tiny_llava
 from mmtrace.workers.worker import ModelSpec
 
 TOL = 1e-5  # fp32
@@ -178,8 +180,15 @@ def llava64(llava):
     return twin
 
 
-DECOMPOSITION_CASES = [("llava64", "visual"), ("phi", "visual"), ("llama", "text"), ("organism", "visual"),
-                       ("organism", "text")]
+@pytest.fixture(scope="module")
+def llava_fp32(tmp_path_factory):
+    """A grouped-query tiny LLaVA at Hugging Face's default initialisation scale (0.02), whose attention outputs
+    are of order 1 as in a trained model's, checked in fp32."""
+    return load_adapter(str(build_tiny_llava(tmp_path_factory.mktemp("llava-fp32"), layers=2, init_scale=0.02)))
+
+
+DECOMPOSITION_CASES = [("llava64", "visual"), ("llava_fp32", "visual"), ("phi", "visual"), ("llama", "text"),
+                       ("organism", "visual"), ("organism", "text")]
 
 
 def case_sample(request, model: str, kind: str) -> Sample:
@@ -199,7 +208,7 @@ def test_contributions_add_up_to_the_attention_output(request, model, kind):
     assert bool(pos.image) == (kind == "visual")
     s = shape_of(adapter.model)
     group = s.heads // s.kv_heads
-    if model in ("llava64", "llama"):
+    if model in ("llava64", "llava_fp32", "llama"):
         assert group == 2  # grouped-query attention really is exercised
     everything = tuple(range(T))
     i, j = T - 1, pos.constraint[0]
@@ -324,6 +333,23 @@ def test_knockout_equals_a_masked_forward_by_hand(request, model, spec, effect):
     for p in batched[-len(inert):] + inert_alone:
         assert abs(p - run.p_clean) <= TOL
     assert max(abs(p - run.p_clean) for p in truth) > effect  # the knockouts move p: the match means something
+
+
+def test_knockout_under_sdpa_equals_eager(organism, organism_dir):
+    """The mask reaches SDPA attention too (the organism runs SDPA): the same rows, the same p(answer)."""
+    sample = organism_sample(organism_dir, "visual", 1)
+    enc = organism.encode(sample)
+    pos, L = Positions.of(enc), organism.num_layers
+    rows = edge_rows(pos, AttentionSpec(), L)
+    with torch.no_grad():
+        with organism.masked_attention(eager=True):
+            run = clean_run(organism, enc)
+            eager_p = knockout_probs(organism, run, rows, max_batch=16)
+        with organism.masked_attention() as note:
+            assert note is None and organism.attn_implementation == "sdpa"
+            sdpa_p = knockout_probs(organism, run, rows, max_batch=16)
+    assert max(abs(a - b) for a, b in zip(eager_p, sdpa_p)) <= TOL
+    assert max(abs(run.p_clean - p) for p in sdpa_p) > 0.5
 
 
 # ------------------------------------------------------------------------------- 3. knockout_masks by hand
