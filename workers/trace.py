@@ -6,8 +6,10 @@ row 0 of the same pass. It is the oracle and the benchmark baseline.
 
 `FastEngine` computes the same numbers with exact shortcuts:
 - the vision tower and the clean pass run once per sample, and the clean states are recorded;
-- the corrupted run is computed once, and its KV cache serves every cell: a restoration at position t leaves
-  positions < t untouched, so a cell only runs positions t..T-1 on top of the corrupted cache cropped to t;
+- the corrupted run is computed once, from the first constraint token on, on the clean run's cache of the
+  positions before it (their inputs are the same in both runs), and its KV cache serves every cell: a
+  restoration at position t leaves positions < t untouched, so a cell only runs positions t..T-1 on top of the
+  corrupted cache cropped to t;
 - cells at the same position are batched (one row per (kind, window)) up to `max_batch` rows a pass;
 - a cell before the first constraint token restores a state equal to the corrupted one (the clean and
   corrupted inputs agree there), so its p_restored is p_corrupt exactly and it costs nothing.
@@ -228,7 +230,8 @@ class FastEngine(Engine):
         dev = ad.device
         with torch.no_grad():
             with capturing_embeds(ad) as box, recording(ad, self.spec.kinds, start=start) as store:
-                clean = ad.model(input_ids=enc.input_ids.to(dev), **self._model_inputs(enc, 1), logits_to_keep=1)
+                clean = ad.model(input_ids=enc.input_ids.to(dev), **self._model_inputs(enc, 1), use_cache=True,
+                                 logits_to_keep=1)
             embeds = box["embeds"]
             corrupt_embeds = embeds.clone()
             s, e = enc.constraint
@@ -236,13 +239,21 @@ class FastEngine(Engine):
                 corrupt_embeds[0, s:e] += cor.noise.to(dev)
             else:
                 corrupt_embeds[0, s:e] = ad.embed_tokens(cor.ids[:, s:e].to(dev))[0]
-            out = ad.model(inputs_embeds=corrupt_embeds, use_cache=True, logits_to_keep=1)
+            out = self._corrupted(clean.cache, corrupt_embeds, start, enc.length)
         probs_clean = clean.logits[0, -1].float().softmax(-1)
         target = int(probs_clean.argmax())
         p_corrupt = float(_prob(out.logits, target))
         extra = {"states": Recorded(stack_recorded(store), base=start), "embeds": corrupt_embeds,
                  "cache": out.cache}
         return Prepared(sample, enc, cor, target, float(probs_clean[target]), p_corrupt, extra)
+
+    def _corrupted(self, clean_cache, embeds: torch.Tensor, start: int, length: int):
+        """The corrupted run, on the clean run's cache of the positions before the constraint: their inputs are
+        the same in both runs, so the prefix (the image's tokens included) is computed once per sample."""
+        if start == 0:
+            return self.adapter.model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+        clean_cache.crop(start - length)  # a negative count: keep the first `start` positions
+        return self.adapter.model(inputs_embeds=embeds[:, start:], cache=clean_cache, use_cache=True, logits_to_keep=1)
 
     def restored(self, prep, keys):
         values = [prep.p_corrupt] * len(keys)
