@@ -42,8 +42,14 @@ from mmtrace.jobs.datasets import parse_spec
 from mmtrace.jobs.datasets.vqa_constraints import MISSING_IMAGE_POLICIES
 from mmtrace.jobs.organism.install import organism_version
 from mmtrace.jobs.plan import plan_attention_units
-from mmtrace.jobs.progress import progress
-from mmtrace.jobs.run import RunResult, executor_options, resolve_model, run_trace, unfinished_units
+from mmtrace.jobs.run import (
+    RunResult,
+    execute_units,
+    executor_options,
+    resolve_model,
+    run_trace,
+    unfinished_units,
+)
 from mmtrace.workers.adapters import prompt_templates
 from mmtrace.workers.attention import (
     ALL_HEADS,
@@ -308,20 +314,17 @@ class AttentionRunResult:
         return 0 if self.reduced.samples > self.reduced.errors or not self.reduced.samples else 1
 
 
-def _execute(cfg: AttentionConfig, executor, factory, todo: list[AttentionUnit], done: int,
-             total: int) -> list[UnitFailure]:
-    failed: list[UnitFailure] = []
-    samples = errors = 0
-    with progress(total, "attention", initial=done, unit="units", enabled=cfg.progress) as bar:
-        for _, outcome in executor.map_units(factory, todo, AttentionSink(str(cfg.out))):
-            if isinstance(outcome, UnitFailure):
-                failed.append(outcome)
-            else:
-                samples += outcome["samples"]
-                errors += outcome["errors"]
-            bar.update(1)
-            bar.set_postfix(samples=samples, errors=errors, failed=len(failed), refresh=False)
-    return failed
+@dataclass
+class AttentionTally:
+    """An attention run's progress figures: samples analysed and sample errors so far."""
+
+    samples: int = 0
+    errors: int = 0
+
+    def __call__(self, receipt: dict) -> dict[str, int]:
+        self.samples += receipt["samples"]
+        self.errors += receipt["errors"]
+        return {"samples": self.samples, "errors": self.errors}
 
 
 def run_traces(cfg: AttentionConfig, runs: Mapping[str, tuple[str, str]]) -> dict[str, RunResult]:
@@ -343,7 +346,8 @@ def run_attention(cfg: AttentionConfig) -> AttentionRunResult:
     todo = [u for u in plan.units if u.unit_id not in committed]
     executor = make_executor(cfg.backend.name, **executor_options(cfg))
     factory = partial(AttentionWorker, plan.model, cfg.spec)
-    failed = _execute(cfg, executor, factory, todo, len(plan.units) - len(todo), len(plan.units))
+    failed = execute_units(executor, factory, todo, AttentionSink(str(cfg.out)), label="attention",
+                           done=len(plan.units) - len(todo), enabled=cfg.progress, tally=AttentionTally())
     array = getattr(executor, "last_array_id", None)  # Slurm: the reduce job waits for the array (afterok)
     reduced = executor.submit(reduce_attention, cfg.out, [u.unit_id for u in plan.units], plots=cfg.plots,
                               title=f"{Path(cfg.model).name} on {cfg.dataset}", patches=cfg.patches,

@@ -52,8 +52,7 @@ from mmtrace.jobs import identity, report
 from mmtrace.jobs.config import ORGANISM, BackendConfig, FlatConfig, from_flat, keys, load_yaml
 from mmtrace.jobs.edit_cases import EditCaseSet, resolve_cases
 from mmtrace.jobs.plan import plan_edit_units, plan_sequential_units
-from mmtrace.jobs.progress import progress
-from mmtrace.jobs.run import executor_options, resolve_model, unfinished_units
+from mmtrace.jobs.run import execute_units, executor_options, resolve_model, unfinished_units
 from mmtrace.workers.adapters import num_decoder_layers, prompt_templates
 from mmtrace.workers.edit import (
     EDIT_SCHEMA,
@@ -395,21 +394,18 @@ class EditRunResult:
         return 0 if self.reduced.rows > self.reduced.errors or not self.reduced.rows else 1
 
 
-def _execute(cfg: EditConfig, executor, factory, todo: list[EditUnit | SequentialUnit], done: int,
-             total: int) -> list[UnitFailure]:
-    """Run the units still to do; a unit that fails stays uncommitted and is returned, the others go on."""
-    failed: list[UnitFailure] = []
-    edits = errors = 0
-    with progress(total, "edit", initial=done, unit="units", enabled=cfg.progress) as bar:
-        for _, outcome in executor.map_units(factory, todo, EditSink(str(cfg.out))):
-            if isinstance(outcome, UnitFailure):
-                failed.append(outcome)
-            elif not outcome.get("sequential"):
-                edits += outcome["rows"] - outcome["errors"]
-                errors += outcome["errors"]
-            bar.update(1)
-            bar.set_postfix(edits=edits, errors=errors, failed=len(failed), refresh=False)
-    return failed
+@dataclass
+class EditTally:
+    """An edit run's progress figures: edits made and case errors so far (sequential units count apart)."""
+
+    edits: int = 0
+    errors: int = 0
+
+    def __call__(self, receipt: dict) -> dict[str, int]:
+        if not receipt.get("sequential"):
+            self.edits += receipt["rows"] - receipt["errors"]
+            self.errors += receipt["errors"]
+        return {"edits": self.edits, "errors": self.errors}
 
 
 def run_edit(cfg: EditConfig) -> EditRunResult:
@@ -427,7 +423,8 @@ def run_edit(cfg: EditConfig) -> EditRunResult:
     todo = [u for u in plan.units if u.unit_id not in committed]
     executor = make_executor(cfg.backend.name, **edit_executor_options(cfg))
     factory = partial(edit_worker, plan.model, cfg.spec)
-    failed = _execute(cfg, executor, factory, todo, len(plan.units) - len(todo), len(plan.units))
+    failed = execute_units(executor, factory, todo, EditSink(str(cfg.out)), label="edit",
+                           done=len(plan.units) - len(todo), enabled=cfg.progress, tally=EditTally())
     array = getattr(executor, "last_array_id", None)  # Slurm: the reduce job waits for the array (afterok)
     title = f"{Path(cfg.model).name}, cases {cfg.cases}"
     reduced = executor.submit(reduce_edits, cfg.out, plan.edit_ids, plots=cfg.plots, effect=plan.effect, title=title,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -125,20 +126,34 @@ def _known(samples: list[Sample]) -> dict[str, dict]:
                           "answer": s.answer} for s in samples}
 
 
-def _execute(cfg: TraceConfig, executor, factory, todo: list[TraceUnit], done: int, total: int) -> list[UnitFailure]:
-    """Run the units still to do; a unit that fails stays uncommitted and is returned, the others go on."""
+def execute_units(executor, factory, todo: Sequence, sink, *, label: str, done: int, enabled: bool,
+                  tally: Callable[[dict], dict[str, int]]) -> list[UnitFailure]:
+    """Run the units still to do through `sink` (every job's loop); a unit that fails stays uncommitted and is
+    returned, the others go on. `tally` folds each committed unit's receipt into the progress line's figures."""
     failed: list[UnitFailure] = []
-    cells, traced = 0, set()
-    with progress(total, "trace", initial=done, unit="units", enabled=cfg.progress) as bar:
-        for _, outcome in executor.map_units(factory, todo, UnitSink(str(cfg.out))):
+    figures: dict[str, int] = {}
+    with progress(done + len(todo), label, initial=done, unit="units", enabled=enabled) as bar:
+        for _, outcome in executor.map_units(factory, todo, sink):
             if isinstance(outcome, UnitFailure):
                 failed.append(outcome)
             else:
-                cells += outcome["cells"]
-                traced.update(outcome["samples"])
+                figures = tally(outcome)
             bar.update(1)
-            bar.set_postfix(samples=len(traced), cells=cells, failed=len(failed), refresh=False)
+            bar.set_postfix(**figures, failed=len(failed), refresh=False)
     return failed
+
+
+@dataclass
+class TraceTally:
+    """A trace's progress figures: samples seen and cells computed so far."""
+
+    cells: int = 0
+    samples: set[str] = field(default_factory=set)
+
+    def __call__(self, receipt: dict) -> dict[str, int]:
+        self.cells += receipt["cells"]
+        self.samples.update(receipt["samples"])
+        return {"samples": len(self.samples), "cells": self.cells}
 
 
 def run_trace(cfg: TraceConfig) -> RunResult:
@@ -163,7 +178,8 @@ def run_trace(cfg: TraceConfig) -> RunResult:
     model = ModelSpec(model_path, cfg.dtype, cfg.device, ident.revision, cfg.trust_remote_code)
     executor = make_executor(cfg.backend.name, **executor_options(cfg))
     factory = partial(TraceWorker, model, cfg.trace, cfg.engine)
-    failed = _execute(cfg, executor, factory, todo, len(units) - len(todo), len(units))
+    failed = execute_units(executor, factory, todo, UnitSink(str(cfg.out)), label="trace",
+                           done=len(units) - len(todo), enabled=cfg.progress, tally=TraceTally())
     array = getattr(executor, "last_array_id", None)  # Slurm: the reduce job waits for the array (afterok)
     reduced = executor.submit(reduce_run, cfg.out, [u.unit_id for u in units], plots=cfg.plots,
                               title=f"{Path(cfg.model).name} on {cfg.dataset}", plan=_plan(units),
