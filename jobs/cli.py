@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 from mmtrace.jobs.config import TraceConfig, add_config_arguments, config_from_args, known_values
+from mmtrace.workers.spec import DTYPES
+
+BENCH_SHAPES = ("toy", "floor", "llava-7b")  # jobs/bench.py's SHAPES, named here so --help needs no torch
 
 
 def _trace_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +43,7 @@ def _trace(args: argparse.Namespace) -> int:
     print(f"mmtrace: run {result.run_id}: {red.samples} samples ({red.ok} ok, {red.errors} errors, {red.pending} "
           f"pending), {red.cells} cells; {result.computed_units} units computed, {result.skipped_units} already "
           f"committed; {result.seconds:.1f} s", file=sys.stderr)
-    print(findings(result.out, cfg.trace))
+    print(findings(result.out, cfg.trace, cfg.engine))
     return result.exit_code()
 
 
@@ -116,16 +119,25 @@ def _attention(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.organism:
+        from mmtrace.jobs.bench_organism import bench_organism
+
+        report = bench_organism(samples=args.samples, recheck=args.recheck, threads=args.threads,
+                                repeats=args.repeats)
+        print(json.dumps(report, indent=1, default=str) if args.json else report["text"])
+        return 0
     if args.ray:
         from mmtrace.jobs.bench_ray import bench_ray_scaling
 
-        report = bench_ray_scaling(samples=args.samples, threads_per_actor=args.threads or 1, layers=args.layers)
+        report = bench_ray_scaling(samples=args.samples, threads_per_actor=args.threads or 1,
+                                   layers=args.layers or 4)
         print(json.dumps(report, indent=1, default=str) if args.json else report["text"])
         return 0
     from mmtrace.jobs.bench import bench_trace
 
-    report = bench_trace(layers=args.layers, question=args.question, reference_cells=args.reference_cells,
-                         threads=args.threads)
+    report = bench_trace(shape=args.shape, layers=args.layers, device=args.device, dtype=args.dtype,
+                         question=args.question, reference_cells=args.reference_cells, threads=args.threads,
+                         repeats=args.repeats, engine=args.engine)
     print(json.dumps(report, indent=1) if args.json else report["text"])
     return 0
 
@@ -162,14 +174,25 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if argv and argv[0] == "attention":
         _attention_args(a)
     a.set_defaults(func=_attention)
-    b = sub.add_parser("bench", help="fast vs reference engine on a tiny 576-image-token LLaVA, in one run")
-    b.add_argument("--layers", type=int, default=4)
+    b = sub.add_parser("bench", help="fast vs reference engine and the FLOP floor on a 576-image-token LLaVA, "
+                                     "in one run")
+    b.add_argument("--shape", choices=BENCH_SHAPES, default="toy",
+                   help="toy: 4 layers of width 64; floor: 8 layers of width 1024 (arithmetic dominates); "
+                        "llava-7b: LLaVA-1.5-7B's LLM (random weights)")
+    b.add_argument("--layers", type=int, default=None, help="LLM depth (default: the shape's; with --ray: 4)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", choices=DTYPES, default="float32")
+    b.add_argument("--engine", default="fast", help="the engine measured against the reference and the floor")
+    b.add_argument("--repeats", type=int, default=2, help="best of this many timings of the measured engine")
     b.add_argument("--question", default="This mountain is located in the continent of")
     b.add_argument("--reference-cells", type=int, default=None, help="time the oracle on this many cells only")
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--json", action="store_true")
     b.add_argument("--ray", action="store_true", help="instead: Ray scaling, the same trace on 1 vs 2 actors")
-    b.add_argument("--samples", type=int, default=8, help="with --ray: samples to trace")
+    b.add_argument("--organism", action="store_true",
+                   help="instead: fast-v1, fast and atp on the organism's questions, and atp's estimates vs exact")
+    b.add_argument("--samples", type=int, default=8, help="with --ray or --organism: samples to trace")
+    b.add_argument("--recheck", type=int, default=20, help="with --organism: atp's exact re-checks per sample and kind")
     b.set_defaults(func=_bench)
     c = sub.add_parser("compare", help="two runs' heatmaps in one PNG (e.g. visual above text-only)")
     c.add_argument("run_a")

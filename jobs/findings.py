@@ -55,11 +55,22 @@ def effects(out: Path) -> list[str]:
             "mean indirect effect per layer, each kind at its strongest token role:", *layer_table(by_role)]
 
 
-def findings(out: str | Path, spec: TraceSpec) -> str:
+def estimates(out: Path) -> list[str]:
+    """Engine atp: how many cells are estimates, and how the estimates rank the cells restored exactly."""
+    cells = report.read_cells(out)
+    estimated = cells["estimated"].fillna(False).astype(bool)
+    checked = cells[~estimated & cells["ie_estimate"].notna() & cells["computed"].fillna(False).astype(bool)]
+    rho = report.spearman(checked["ie_estimate"], checked["ie"])
+    return [f"atp: {int(estimated.sum())} of {len(cells)} cells are first-order estimates (estimated=True); "
+            f"{len(checked)} restored exactly; Spearman rho of estimate vs exact ie over those: {rho:.3f}", ""]
+
+
+def findings(out: str | Path, spec: TraceSpec, engine: str = "fast") -> str:
     """What a person wants at the end of a trace: where the effects sit, and where the files are."""
     out = Path(out)
     paths = [("heatmap", out / "heatmap.png"), ("cells", out / report.CELLS_DIR),
              ("samples", out / report.SAMPLES_FILE), ("summary", out / report.SUMMARY_MD)]
     files = [f"  {name + ':':9} {path}" for name, path in paths if path.exists()]
-    return "\n".join([f"Where the facts sit (window {spec.window}, {spec.window_style} rule):", *effects(out), "",
-                      "Files:", *files])
+    atp = estimates(out) if engine == "atp" else []
+    return "\n".join([*atp, f"Where the facts sit (window {spec.window}, {spec.window_style} rule):", *effects(out),
+                      "", "Files:", *files])

@@ -313,6 +313,14 @@ def best_cell(cells: pd.DataFrame | pa.Table, exclude_hidden_last: bool = True) 
     }
 
 
+def spearman(x: Sequence[float] | pd.Series, y: Sequence[float] | pd.Series) -> float:
+    """Spearman's rank correlation: Pearson's of the ranks, ties ranked by their mean (NaN under 2 pairs)."""
+    rx, ry = pd.Series(np.asarray(x, dtype=float)).rank(), pd.Series(np.asarray(y, dtype=float)).rank()
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
 def _fmt(x: float, digits: int = 4) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 

@@ -163,11 +163,10 @@ class Adapter(ABC):
         return str(self.decoder.config._attn_implementation)
 
     @contextmanager
-    def masked_attention(self, eager: bool = False) -> Iterator[str | None]:
-        """Run the decoder's attention with an implementation that takes an explicit mask (eager when `eager`,
-        to get the weights back). Yields a note when it had to switch, for the caller to say so."""
+    def attention_implementation(self, wanted: str) -> Iterator[str | None]:
+        """Run the decoder's attention as `wanted` inside the block (every layer reads it from the shared
+        config on each call). Yields a note when it had to switch, for the caller to say so."""
         current = self.attn_implementation
-        wanted = "eager" if eager or current not in MASKED_IMPLEMENTATIONS else current
         if wanted == current:
             yield None
             return
@@ -176,6 +175,36 @@ class Adapter(ABC):
             yield f"{self.name}: attention ran as {wanted!r} for this pass (the model runs {current!r})"
         finally:
             self.decoder.config._attn_implementation = current
+
+    def masked_attention(self, eager: bool = False):
+        """An attention implementation that takes an explicit mask (eager when `eager`, to get the weights)."""
+        current = self.attn_implementation
+        return self.attention_implementation("eager" if eager or current not in MASKED_IMPLEMENTATIONS else current)
+
+    # -- driving the stack by hand (the fast engine enters it mid-way) -------------------------------------
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        """The norm after the last layer (Llama `norm`, Phi `final_layernorm`)."""
+        for name in ("norm", "final_layernorm"):
+            module = getattr(self.decoder, name, None)
+            if isinstance(module, torch.nn.Module):
+                return module
+        raise TypeError(f"{self.name}: the decoder {type(self.decoder).__name__} has no final norm "
+                        "('norm' or 'final_layernorm'), so it cannot be entered mid-stack")
+
+    @property
+    def mlp_adds_to_residual(self) -> bool:
+        """Whether a layer's output is its MLP's output plus terms the MLP does not feed (Llama, Mistral, Qwen,
+        Phi); a norm after the MLP (Gemma 2's `post_feedforward_layernorm`) breaks it."""
+        return not hasattr(self.layers[0], "post_feedforward_layernorm")
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.get_output_embeddings()
+
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """The rotary (cos, sin) every layer receives, for per-row `position_ids` (B, T)."""
+        return self.decoder.rotary_emb(hidden, position_ids=position_ids)
 
     def answer_ids(self, text: str) -> list[int]:
         """The tokens of an answer as the model would write it after the prompt (after a space)."""

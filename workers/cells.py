@@ -26,6 +26,8 @@ CELL_SCHEMA = pa.schema(
         ("ie", pa.float64()),  # p_restored - p_corrupt
         ("ie_norm", pa.float64()),  # ie / (p_clean - p_corrupt); NaN where the denominator is 0
         ("computed", pa.bool_()),  # False where the value is known exactly without a forward pass
+        ("estimated", pa.bool_()),  # True where p_restored is engine atp's first-order estimate, not exact
+        ("ie_estimate", pa.float64()),  # engine atp's first-order estimate of ie (null for the exact engines)
     ]
 )
 

@@ -42,10 +42,11 @@ def _main_tensor(output):
 class Source(Protocol):
     """Where clean values come from: the values for `positions` (absolute) of `kind` at `layer`.
 
-    `live` is the module output being patched, whose first position is absolute position `offset`.
+    `live` is the module output being patched; `tokens` are the indices of `positions` along its sequence axis.
     """
 
-    def values(self, kind: str, layer: int, positions: torch.Tensor, live: torch.Tensor, offset: int) -> torch.Tensor:
+    def values(self, kind: str, layer: int, positions: torch.Tensor, live: torch.Tensor,
+               tokens: torch.Tensor) -> torch.Tensor:
         ...
 
 
@@ -55,8 +56,8 @@ class SameBatchRow:
     def __init__(self, row: int = 0):
         self.row = row
 
-    def values(self, kind, layer, positions, live, offset):
-        return live[self.row, positions - offset].clone()
+    def values(self, kind, layer, positions, live, tokens):
+        return live[self.row, tokens].clone()
 
 
 class Recorded:
@@ -66,7 +67,7 @@ class Recorded:
         self.states = states
         self.base = base
 
-    def values(self, kind, layer, positions, live, offset):
+    def values(self, kind, layer, positions, live, tokens):
         states = self.states[kind][layer].to(live.device)  # a no-op unless the states were kept elsewhere
         return states[positions - self.base].to(live.dtype)
 
@@ -88,33 +89,38 @@ class _OnDevice:
         return self.by_device[device]
 
 
-def _index(rows: Sequence[Sequence[Restore]]) -> dict[tuple[str, int], tuple[list[int], list[int]]]:
-    """(kind, layer) -> (batch rows, positions) to patch, so each hook does one indexed write."""
-    where: dict[tuple[str, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+def _index(rows: Sequence[Sequence[Restore]], offsets: Sequence[int]) -> dict[tuple[str, int], tuple[list, list, list]]:
+    """(kind, layer) -> (batch rows, absolute positions, token indices) to patch, so each hook does one write."""
+    where: dict[tuple[str, int], tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
     for b, restores in enumerate(rows):
         for r in restores:
             for layer in r.layers:
-                where[(r.kind, layer)][0].append(b)
-                where[(r.kind, layer)][1].append(r.position)
+                rows_, positions, tokens = where[(r.kind, layer)]
+                rows_.append(b)
+                positions.append(r.position)
+                tokens.append(r.position - offsets[b])
     return where
 
 
 @contextmanager
-def restoring(adapter, rows: Sequence[Sequence[Restore]], source: Source, offset: int = 0) -> Iterator[None]:
+def restoring(adapter, rows: Sequence[Sequence[Restore]], source: Source,
+              offset: int | Sequence[int] = 0) -> Iterator[None]:
     """Apply `rows[b]` to batch row b during forwards inside the block.
 
-    `offset` is the absolute position of the first input token (non-zero when a KV cache holds the prefix).
-    The write is in place on the module's output, so the residual addition downstream sees the clean value.
+    `offset` is the absolute position of the first input token (non-zero when a KV cache holds the prefix),
+    one for all rows or one per row (rows that start at different positions in one batch). The write is in
+    place on the module's output, so the residual addition downstream sees the clean value.
     """
+    offsets = [offset] * len(rows) if isinstance(offset, int) else list(offset)
     handles = []
     try:
-        for (kind, layer), (b, pos) in _index(rows).items():
-            b_t, pos_t = _OnDevice(b), _OnDevice(pos)
+        for (kind, layer), (b, pos, tok) in _index(rows, offsets).items():
+            b_t, pos_t, tok_t = _OnDevice(b), _OnDevice(pos), _OnDevice(tok)
 
-            def hook(module, args, output, kind=kind, layer=layer, b_t=b_t, pos_t=pos_t):
+            def hook(module, args, output, kind=kind, layer=layer, b_t=b_t, pos_t=pos_t, tok_t=tok_t):
                 live = _main_tensor(output)
-                at = pos_t.on(live.device)
-                live[b_t.on(live.device), at - offset] = source.values(kind, layer, at, live, offset)
+                dev = live.device
+                live[b_t.on(dev), tok_t.on(dev)] = source.values(kind, layer, pos_t.on(dev), live, tok_t.on(dev))
                 return output
 
             handles.append(adapter.site(kind, layer).register_forward_hook(hook))
@@ -125,25 +131,41 @@ def restoring(adapter, rows: Sequence[Sequence[Restore]], source: Source, offset
 
 
 @contextmanager
-def recording(adapter, kinds: Sequence[str], start: int = 0) -> Iterator[dict[str, list]]:
-    """Record row 0's outputs of every layer's `kinds` sites at positions >= `start`.
-
-    Yields a dict kind -> list over layers, filled during the forward; `stack_recorded` turns it into the
-    (layers, T, d) tensors `Recorded` expects.
-    """
+def _keeping(adapter, kinds: Sequence[str], keep) -> Iterator[dict[str, list]]:
+    """A dict kind -> list over layers that each site's forward fills with `keep(output)`."""
     store: dict[str, list] = {k: [None] * adapter.num_layers for k in kinds}
     handles = []
     try:
         for kind in kinds:
             for layer in range(adapter.num_layers):
                 def hook(module, args, output, kind=kind, layer=layer):
-                    store[kind][layer] = _main_tensor(output)[0, start:].detach().clone()
+                    store[kind][layer] = keep(_main_tensor(output))
 
                 handles.append(adapter.site(kind, layer).register_forward_hook(hook))
         yield store
     finally:
         for h in handles:
             h.remove()
+
+
+def recording(adapter, kinds: Sequence[str], start: int = 0):
+    """Record row 0's outputs of every layer's `kinds` sites at positions >= `start`.
+
+    Yields a dict kind -> list over layers, filled during the forward; `stack_recorded` turns it into the
+    (layers, T, d) tensors `Recorded` expects.
+    """
+    return _keeping(adapter, kinds, lambda live: live[0, start:].detach().clone())
+
+
+def _retained(live: torch.Tensor) -> torch.Tensor:
+    live.retain_grad()
+    return live
+
+
+def retaining(adapter, kinds: Sequence[str]):
+    """Keep every layer's `kinds` site outputs (the live tensors, with their `.grad` once a backward has run):
+    attribution patching's activations and the gradients it weighs them by."""
+    return _keeping(adapter, kinds, _retained)
 
 
 def stack_recorded(store: dict[str, list]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the types only: importing spec stays torch-free for planner
 KINDS = ("mlp", "attn", "hidden")
 WINDOW_STYLES = ("radius", "width")
 CORRUPTIONS = ("replace", "noise")
-ENGINES = ("fast", "reference")  # workers/trace.py maps each to its class
+ENGINES = ("fast", "reference", "atp", "fast-v1")  # workers/trace.py maps each to its class
 DTYPES = ("float32", "float16", "bfloat16")  # workers/adapters.py maps each to its torch dtype
 TOKEN_ROLES = ("image", "before", "constraint", "after", "last")
 ALIGNED_ROLES = (
@@ -107,6 +107,26 @@ def is_identity(cls: type, name: str) -> bool:
     return bool({f.name: f for f in fields(cls)}[name].metadata.get("identity"))
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int | None:
+    """'512MiB', '8GB', '1e9' -> bytes; 'auto' -> None (the device decides)."""
+    value = str(text).strip().lower().replace(" ", "")
+    if value == "auto":
+        return None
+    number = value.rstrip("kmgtib")
+    unit = value[len(number):]
+    try:
+        size = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"memory_budget: {text!r} is not a size; write e.g. 512MiB, 8GB or auto") from None
+    if size <= 0:
+        raise ValueError(f"memory_budget must be positive, got {text!r}")
+    return int(size)
+
+
 @dataclass(frozen=True)
 class TraceSpec:
     """What to trace for every sample of a run.
@@ -131,7 +151,14 @@ class TraceSpec:
                                    "no replacement of its own)")
     noise_scale: float = option(3.0, identity=True, help="noise std in units of the embedding matrix's std")
     seed: int = option(0, identity=True, help="seed of the noise (drawn per sample from (seed, sample id))")
-    max_batch: int = option(64, identity=False, help="rows per batched forward in the fast engine")
+    max_batch: int = option(1024, identity=False, help="most rows per batched forward in the fast engines (the "
+                                                       "memory budget sizes batches below it)")
+    recheck: int = option(20, identity=True,
+                          help="engine atp: restore exactly this many cells per sample and kind, those of the "
+                               "largest estimated |ie|")
+    memory_budget: str = option("auto", identity=False,
+                                help="memory a batched forward may use, e.g. 512MiB or 8GB; 'auto': half the free "
+                                     "memory of a GPU, 1GiB on a CPU")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))
@@ -145,6 +172,9 @@ class TraceSpec:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.recheck < 0:
+            raise ValueError(f"recheck must be >= 0, got {self.recheck}")
+        parse_bytes(self.memory_budget)
 
     def layers_for(self, layer: int, num_layers: int) -> tuple[int, ...]:
         """The layers restored together for the cell labelled `layer`."""

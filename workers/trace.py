@@ -1,24 +1,28 @@
-"""MultiModalCausalTrace: two engines, one answer.
+"""MultiModalCausalTrace: exact engines that agree, and one that estimates first.
 
 `ReferenceEngine` is the authors' procedure, naive on purpose: one forward pass per cell over the whole
 sequence (vision tower included), rows [clean, corrupted, corrupted+restored], the clean values taken from
 row 0 of the same pass. It is the oracle and the benchmark baseline.
 
-`FastEngine` computes the same numbers with exact shortcuts:
+`FastEngine` computes the same numbers at the compute floor:
 - the vision tower and the clean pass run once per sample, and the clean states are recorded;
 - the corrupted run is computed once, from the first constraint token on, on the clean run's cache of the
-  positions before it (their inputs are the same in both runs), and its KV cache serves every cell: a
-  restoration at position t leaves positions < t untouched, so a cell only runs positions t..T-1 on top of the
-  corrupted cache cropped to t;
-- cells at the same position are batched (one row per (kind, window)) up to `max_batch` rows a pass;
+  positions before it (their inputs are the same in both runs); its residual stream and KV cache are kept;
+- a cell restoring layers lo..hi at position t changes nothing below lo and nothing before t, so its row runs
+  layers >= lo on positions >= t only, from the corrupted residual, over the corrupted cache's shared prefix
+  (`workers/stack.py`); rows of every position and entry layer share batches sized by the memory budget;
 - a cell before the first constraint token restores a state equal to the corrupted one (the clean and
   corrupted inputs agree there), so its p_restored is p_corrupt exactly and it costs nothing.
+
+`AtpEngine` estimates every cell from one backward pass and restores exactly only the cells it ranks highest;
+`FastV1Engine` is the fast engine before layer skipping, kept to measure the current one against.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -39,9 +43,11 @@ from mmtrace.workers.patching import (
     perturbing,
     recording,
     restoring,
+    retaining,
     stack_recorded,
 )
 from mmtrace.workers.spec import ENGINES, Encoded, Sample, TraceSpec
+from mmtrace.workers.stack import Row, dense_tokens, out_of_memory, plan_batches, release_memory, run_rows, token_budget
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,17 @@ class Prepared:
     p_clean: float
     p_corrupt: float
     extra: dict
+
+
+@dataclass
+class Values:
+    """An engine's answer for a list of cells: p_restored, whether each took a forward pass, and (engine atp)
+    whether it is an estimate and the estimate of its ie."""
+
+    p: list[float]
+    computed: list[bool]
+    estimated: list[bool] | None = None
+    ie_estimate: list[float | None] | None = None
 
 
 @dataclass
@@ -138,19 +155,19 @@ class Engine(ABC):
         """Encode the sample and run what every cell of it shares (clean and corrupted runs)."""
 
     @abstractmethod
-    def restored(self, prep: Prepared, keys: list[CellKey]) -> tuple[list[float], list[bool]]:
+    def restored(self, prep: Prepared, keys: list[CellKey]) -> Values:
         """p_restored for each key, and whether it took a forward pass."""
 
     def cells(self, prep: Prepared, keys: Iterable[CellKey] | None = None) -> pa.Table:
         keys = list(keys) if keys is not None else grid(prep.enc, self.spec, self.adapter.num_layers)
-        with torch.no_grad():
-            values, computed = self.restored(prep, keys)
-        return self._table(prep, keys, values, computed)
+        with torch.inference_mode():
+            values = self.restored(prep, keys)
+        return self._table(prep, keys, values)
 
-    def _table(self, prep: Prepared, keys, values, computed) -> pa.Table:
+    def _table(self, prep: Prepared, keys, values: Values) -> pa.Table:
         enc, n = prep.enc, self.adapter.num_layers
         windows = [self.spec.layers_for(k.layer, n) for k in keys]
-        ie = [v - prep.p_corrupt for v in values]
+        ie = [v - prep.p_corrupt for v in values.p]
         cols = {
             "sample_id": [prep.sample.sample_id] * len(keys),
             "kind": [k.kind for k in keys],
@@ -164,10 +181,12 @@ class Engine(ABC):
             "aligned_role": [enc.aligned_role(k.position) for k in keys],
             "p_clean": [prep.p_clean] * len(keys),
             "p_corrupt": [prep.p_corrupt] * len(keys),
-            "p_restored": values,
+            "p_restored": values.p,
             "ie": ie,
             "ie_norm": [normalised_ie(x, prep.p_clean, prep.p_corrupt) for x in ie],
-            "computed": computed,
+            "computed": values.computed,
+            "estimated": values.estimated or [False] * len(keys),
+            "ie_estimate": values.ie_estimate if values.ie_estimate is not None else [None] * len(keys),
         }
         return pa.table(cols, schema=CELL_SCHEMA)
 
@@ -214,13 +233,14 @@ class ReferenceEngine(Engine):
         for k in keys:
             restore = [Restore(k.kind, self.spec.layers_for(k.layer, n), k.position)]
             values.append(float(_prob(self._batch(prep, restore)[2:3], prep.target)))
-        return values, [True] * len(keys)
+        return Values(values, [True] * len(keys))
 
 
-class FastEngine(Engine):
-    """Same numbers as the reference, from one clean pass, one corrupted pass and cached prefixes."""
+class FastV1Engine(Engine):
+    """The previous fast engine, kept to measure the current one against (`--engine fast-v1`): every cell runs
+    every layer, on its own copy of the corrupted cache, one position per batch."""
 
-    name = "fast"
+    name = "fast-v1"
 
     def prepare(self, sample: Sample) -> Prepared:
         ad = self.adapter
@@ -239,12 +259,16 @@ class FastEngine(Engine):
                 corrupt_embeds[0, s:e] += cor.noise.to(dev)
             else:
                 corrupt_embeds[0, s:e] = ad.embed_tokens(cor.ids[:, s:e].to(dev))[0]
-            out = self._corrupted(clean.cache, corrupt_embeds, start, enc.length)
+            with recording(ad, ["hidden", "mlp"]) as corrupted:
+                out = self._corrupted(clean.cache, corrupt_embeds, start, enc.length)
         probs_clean = clean.logits[0, -1].float().softmax(-1)
         target = int(probs_clean.argmax())
         p_corrupt = float(_prob(out.logits, target))
+        # The corrupted run's residual stream at positions >= start: the embeddings, then each layer's output.
+        corrupted = stack_recorded(corrupted)
+        residual = torch.cat([corrupt_embeds[:, start:], corrupted["hidden"]])
         extra = {"states": Recorded(stack_recorded(store), base=start), "embeds": corrupt_embeds,
-                 "cache": out.cache}
+                 "cache": out.cache, "residual": residual, "corrupt_mlp": corrupted["mlp"]}
         return Prepared(sample, enc, cor, target, float(probs_clean[target]), p_corrupt, extra)
 
     def _corrupted(self, clean_cache, embeds: torch.Tensor, start: int, length: int):
@@ -269,7 +293,7 @@ class FastEngine(Engine):
                 probs = self._run(prep, position, [keys[i] for i in chunk])
                 for i, p in zip(chunk, probs.tolist()):
                     values[i], computed[i] = p, True
-        return values, computed
+        return Values(values, computed)
 
     def _run(self, prep: Prepared, position: int, keys: list[CellKey]) -> torch.Tensor:
         """One batched pass: rows restore their cell at `position`, on the corrupted cache cropped there."""
@@ -282,10 +306,150 @@ class FastEngine(Engine):
         return _prob(out.logits, prep.target)
 
 
+class FastEngine(FastV1Engine):
+    """Same numbers as the reference at the compute floor: a cell restoring layers lo..hi at position t runs
+    only layers >= lo on positions >= t (`workers/stack.py`), on the corrupted run's residual stream and its
+    shared KV cache; rows of any position and entry layer share batches sized by the memory budget.
+
+    A restored `hidden` or `mlp` cell does not even run layer lo: at lo only position t's output differs from
+    the corrupted run's, and it is known (the clean hidden state; the corrupted output with the corrupted MLP
+    output swapped for the clean one), so the row enters at lo + 1 with that vector at t.
+    """
+
+    name = "fast"
+
+    def __init__(self, adapter: Adapter, spec: TraceSpec):
+        super().__init__(adapter, spec)
+        self.splits = 0  # batches halved after running out of memory
+        self.skips = {"hidden", "mlp"} if adapter.mlp_adds_to_residual else {"hidden"}
+
+    def restored(self, prep, keys):
+        values, computed = [prep.p_corrupt] * len(keys), [False] * len(keys)
+        todo = [i for i, k in enumerate(keys) if k.position >= prep.enc.constraint[0]]
+        sizes = [prep.enc.length - keys[i].position for i in todo]
+        budget = token_budget(self.adapter, self.spec.memory_budget, prep.enc.length)
+        for batch in plan_batches(sizes, budget, self.spec.max_batch, dense_tokens(self.adapter)):
+            idx = sorted((todo[j] for j in batch), key=lambda i: self._entry(keys[i]))
+            probs = self._halving(prep, [keys[i] for i in idx])
+            for i, p in zip(idx, probs.tolist()):
+                values[i], computed[i] = p, True
+        return Values(values, computed)
+
+    def _window(self, key: CellKey) -> tuple[int, ...]:
+        return self.spec.layers_for(key.layer, self.adapter.num_layers)
+
+    def _entry(self, key: CellKey) -> int:
+        return self._window(key)[0] + (key.kind in self.skips)
+
+    def _halving(self, prep: Prepared, keys: list[CellKey]) -> torch.Tensor:
+        """`_rows` on `keys`, split in two and retried (recursively) when a batch runs out of memory."""
+        try:
+            return self._rows(prep, keys)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if len(keys) == 1 or not out_of_memory(exc):
+                raise
+        self.splits += 1
+        release_memory(self.adapter.device)
+        half = len(keys) // 2
+        return torch.cat([self._halving(prep, keys[:half]), self._halving(prep, keys[half:])])
+
+    def _rows(self, prep: Prepared, keys: list[CellKey]) -> torch.Tensor:
+        """One batched pass: row b restores its cell from its entry layer on, at its own position."""
+        start = prep.enc.constraint[0]
+        rows = [Row(k.position, self._entry(k)) for k in keys]
+        restores = [[Restore(k.kind, self._window(k)[k.kind in self.skips:], k.position)] for k in keys]
+        with restoring(self.adapter, restores, prep.extra["states"], offset=[k.position for k in keys]):
+            logits = run_rows(self.adapter, rows, prep.extra["residual"], start, prep.extra["cache"],
+                              prep.enc.length, first=self._first(prep, keys))
+        return logits.float().softmax(-1)[:, prep.target]
+
+    def _first(self, prep: Prepared, keys: list[CellKey]) -> torch.Tensor:
+        """Each row's input at its own position at its entry layer (see the class docstring)."""
+        residual, clean = prep.extra["residual"], prep.extra["states"].states
+        start = prep.enc.constraint[0]
+        out = []
+        for k in keys:
+            lo, i = self._window(k)[0], k.position - start
+            if k.kind in self.skips and k.kind == "hidden":
+                out.append(clean["hidden"][lo, i])
+            elif k.kind in self.skips:  # mlp
+                out.append(residual[lo + 1, i] - prep.extra["corrupt_mlp"][lo, i] + clean["mlp"][lo, i])
+            else:
+                out.append(residual[lo, i])
+        return torch.stack(out).to(residual.dtype)
+
+
+class AtpEngine(FastEngine):
+    """Attribution patching, then exact restoration of the cells it ranks highest (`--engine atp --recheck K`).
+
+    One backward pass of log p(target) through the corrupted run gives every cell's first-order estimate:
+    restoring the clean output c at a site whose corrupted output is x changes log p by about
+    (c - x) . dlog p/dx, summed over the window's layers, and so p by p_corrupt (e^that - 1). Log p, not p: a
+    confident corrupted run has p near 0, where dp/dx vanishes and every estimate with it. Per sample and kind
+    the `recheck` cells of largest |estimate| (over the kind's whole grid, so the choice does not depend on how
+    the grid is cut into units) are restored exactly by the fast engine; the rest keep the estimate, marked
+    `estimated` in the cells table.
+    """
+
+    name = "atp"
+
+    def prepare(self, sample: Sample) -> Prepared:
+        with torch.inference_mode(False):  # the backward below needs tensors made outside inference mode
+            prep = super().prepare(sample)
+            attribution = self._attribution(prep)
+        estimate = {k: self._windowed(a) for k, a in attribution.items()}
+        prep.extra.update(estimate=estimate, recheck=self._top(prep, estimate))
+        return prep
+
+    def _attribution(self, prep: Prepared) -> dict[str, torch.Tensor]:
+        """Per kind, (layers, T - start): (clean - corrupted) . d log p / d(corrupted output), at each site."""
+        start = prep.enc.constraint[0]
+        residual = prep.extra["residual"].detach().clone().requires_grad_(True)
+        with torch.enable_grad(), retaining(self.adapter, self.spec.kinds) as outputs:
+            logits = run_rows(self.adapter, [Row(start, 0)], residual, start, prep.extra["cache"], prep.enc.length)
+            logits.float().log_softmax(-1)[0, prep.target].backward()
+        clean = prep.extra["states"].states
+        return {kind: torch.stack([((clean[kind][i] - out[0]) * out.grad[0]).sum(-1).detach()
+                                   for i, out in enumerate(outputs[kind])]).float()
+                for kind in self.spec.kinds}
+
+    def _windowed(self, attribution: torch.Tensor) -> torch.Tensor:
+        """(layers, T - start): each window centre's estimate, the sum over the layers its window restores."""
+        n = self.adapter.num_layers
+        return torch.stack([attribution[list(self.spec.layers_for(c, n))].sum(0) for c in range(n)])
+
+    @staticmethod
+    def _ie(prep: Prepared, log_ratio: float) -> float:
+        """The ie a first-order change of log p implies, within what a probability allows."""
+        p = prep.p_corrupt * math.exp(min(log_ratio, 700.0))
+        return min(p, 1.0) - prep.p_corrupt
+
+    def _top(self, prep: Prepared, estimate: dict[str, torch.Tensor]) -> set[CellKey]:
+        start, chosen = prep.enc.constraint[0], set[CellKey]()
+        for kind, est in estimate.items():
+            order = torch.argsort(-est.abs().flatten(), stable=True)[:self.spec.recheck].tolist()
+            width = est.shape[1]
+            chosen.update(CellKey(kind, i // width, start + i % width) for i in order)
+        return chosen
+
+    def restored(self, prep, keys):
+        start, chosen = prep.enc.constraint[0], prep.extra["recheck"]
+        est = [self._ie(prep, float(prep.extra["estimate"][k.kind][k.layer, k.position - start]))
+               if k.position >= start else 0.0 for k in keys]
+        values, computed = [prep.p_corrupt + e for e in est], [False] * len(keys)
+        estimated = [k.position >= start for k in keys]
+        exact = [i for i, k in enumerate(keys) if k in chosen]
+        checked = super().restored(prep, [keys[i] for i in exact])
+        for j, i in enumerate(exact):
+            values[i], computed[i], estimated[i] = checked.p[j], checked.computed[j], False
+        return Values(values, computed, estimated, list(est))
+
+
 # A sample's own faults: recorded as its error row, committed, never retried.
 SAMPLE_ERRORS = (SampleError, ConstraintNotFound)
 
-ENGINE_CLASSES = {"fast": FastEngine, "reference": ReferenceEngine}
+ENGINE_CLASSES: dict[str, type[Engine]] = {"fast": FastEngine, "reference": ReferenceEngine, "atp": AtpEngine,
+                                             "fast-v1": FastV1Engine}
 assert tuple(ENGINE_CLASSES) == ENGINES
 
 

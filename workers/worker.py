@@ -1,7 +1,7 @@
 """The process-resident trace worker: loads the model once, then traces the units it is given.
 
-A unit names samples and, optionally, a slice of each sample's cell grid. The worker keeps the last
-prepared sample (its clean states and corrupted cache), so consecutive slices of one sample reuse it.
+A unit names samples and, optionally, a slice of each sample's cell grid. The worker keeps the prepared
+samples (clean states and corrupted cache) of the last unit, so the next slices of the same samples reuse them.
 """
 
 from __future__ import annotations
@@ -54,25 +54,29 @@ class TraceWorker:
             torch.set_num_threads(model.threads)
         self.adapter = load_adapter(model.path, model.dtype, model.device, model.revision, model.trust_remote_code)
         self.engine = make_engine(engine, self.adapter, spec)
-        self._last: tuple[Sample, object] | None = None  # the last prepared sample, reused by its next slice
+        self._kept: list[tuple[Sample, object]] = []  # the last unit's prepared samples, reused by their next slices
 
     def _prepared(self, sample: Sample):
-        if self._last is None or self._last[0] != sample:
-            self._last = (sample, self.engine.prepare(sample))
-        return self._last[1]
+        for kept, prep in self._kept:
+            if kept == sample:
+                return prep
+        prep = self.engine.prepare(sample)
+        self._kept.append((sample, prep))
+        return prep
 
     def __call__(self, unit: TraceUnit) -> UnitResult:
+        self._kept = [(s, p) for s, p in self._kept if s in unit.samples]
         traces = [self._trace(sample, unit.grid_slice) for sample in unit.samples]
         cells = pa.concat_tables([t.cells for t in traces]) if traces else CELL_SCHEMA.empty_table()
         return UnitResult(unit.unit_id, [t.sample for t in traces], cells)
 
     def _trace(self, sample: Sample, grid_slice) -> SampleTrace:
         """One sample's slice; `trace_sample` turns the sample's own faults into its error row, and anything
-        else propagates so the unit is not committed. The cached prepared sample is dropped on a failure, as
-        it may be half-built."""
+        else propagates so the unit is not committed. The kept prepared samples are dropped on a failure, as
+        one may be half-built."""
         try:
             return trace_sample(self.adapter, sample, self.engine.spec, self.engine, grid_slice=grid_slice,
                                 prepare=self._prepared)
         except BaseException:
-            self._last = None
+            self._kept = []
             raise

@@ -47,21 +47,11 @@ def free_port() -> int:
 
 
 def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, read from /proc. Ray's workers start in process groups of their own, so a
-    group kill misses them; collected before the driver dies, the tree names each process we started."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
+    """Every process below `pid`. Ray's workers start in process groups of their own, so a group kill misses
+    them; collected before the driver dies, the tree names each process we started."""
+    from mmtrace.jobs.fullset import descendants as tree
+
+    return [p for p in tree(pid) if p != pid]
 
 
 def alive(pid: int) -> bool:

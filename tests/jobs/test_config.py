@@ -95,7 +95,7 @@ def test_the_flat_form_round_trips():
 def test_identity_is_declared_beside_each_field():
     ident = make_config(model="m").identity()
     assert {"engine", "dtype", "window", "window_style", "corruption", "replacement", "noise_scale",
-            "seed"} == set(ident)
+            "seed", "recheck"} == set(ident)
 
 
 def test_the_organism_preset_fills_only_what_is_not_given():

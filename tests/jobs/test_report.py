@@ -63,7 +63,7 @@ def make_rows(sample_id: str, seed: int, window: int = 1) -> list[dict]:
                     p_clean=p_clean, p_corrupt=p_corrupt, p_restored=p_corrupt + ie, ie=ie,
                     ie_norm=normalised_ie(ie, p_clean, p_corrupt),
                     # pretend positions before the constraint were known without a forward pass
-                    computed=role not in ("image", "before"),
+                    computed=role not in ("image", "before"), estimated=False, ie_estimate=None,
                 ))
     return rows
 

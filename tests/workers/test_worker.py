@@ -59,7 +59,7 @@ def test_a_sample_error_raised_while_computing_cells_is_an_error_row(worker, mon
                          ids=lambda e: type(e).__name__)
 def test_any_other_failure_propagates_and_drops_the_cached_sample(worker, monkeypatch, step, error):
     worker(TraceUnit("warm", (GOOD,), SLICE))
-    assert worker._last[0] == GOOD
+    assert [kept for kept, _ in worker._kept] == [GOOD]
 
     def boom(*args, **kwargs):
         raise error
@@ -68,5 +68,24 @@ def test_any_other_failure_propagates_and_drops_the_cached_sample(worker, monkey
         patch.setattr(worker.engine, step, boom)
         with pytest.raises(type(error)):
             worker(TraceUnit("u", (OTHER,), SLICE))
-    assert worker._last is None
+    assert worker._kept == []
     assert statuses(worker(TraceUnit("again", (OTHER,), SLICE)))["t/other"] == ("ok", None)  # the worker recovers
+
+
+def test_the_next_slices_of_a_units_samples_reuse_their_preparation(worker, monkeypatch):
+    """A unit of several samples per kind: each sample is prepared once for all its slices, and a unit of
+    other samples lets the previous unit's go."""
+    prepared = []
+    real = worker.engine.prepare
+
+    def counting(sample):
+        prepared.append(sample.sample_id)
+        return real(sample)
+
+    monkeypatch.setattr(worker.engine, "prepare", counting)
+    worker._kept = []
+    first = worker(TraceUnit("a", (GOOD, OTHER), (("mlp", 0),)))
+    second = worker(TraceUnit("b", (GOOD, OTHER), (("mlp", 1),)))
+    assert prepared == ["t/good", "t/other"] and first.cells.num_rows == second.cells.num_rows > 0
+    worker(TraceUnit("c", (OTHER,), SLICE))
+    assert prepared == ["t/good", "t/other"] and [kept for kept, _ in worker._kept] == [OTHER]
