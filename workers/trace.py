@@ -370,12 +370,12 @@ class FastEngine(FastV1Engine):
         out = []
         for k in keys:
             lo, i = self._window(k)[0], k.position - start
-            if k.kind in self.skips and k.kind == "hidden":
-                out.append(clean["hidden"][lo, i])
-            elif k.kind in self.skips:  # mlp
-                out.append(residual[lo + 1, i] - prep.extra["corrupt_mlp"][lo, i] + clean["mlp"][lo, i])
-            else:
+            if k.kind not in self.skips:
                 out.append(residual[lo, i])
+            elif k.kind == "hidden":
+                out.append(clean["hidden"][lo, i])
+            else:  # mlp: the corrupted output with the corrupted MLP output swapped for the clean one
+                out.append(residual[lo + 1, i] - prep.extra["corrupt_mlp"][lo, i] + clean["mlp"][lo, i])
         return torch.stack(out).to(residual.dtype)
 
 
