@@ -14,6 +14,8 @@ includes the pid namespace, so two containers on one node that reuse pids never 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import functools
 import json
 import os
@@ -29,6 +31,19 @@ STALE_AFTER_S = 24 * 3600  # a temporary folder this old is abandoned whoever wr
 TMP_MARK = ".tmp-"
 TMP_TAG = ".tmp-"  # `.<name>.tmp-<host>-<pid>-<rand>`: a file being written by `atomic_path`
 _WRITER_END = re.compile(r"-(\d+)-[0-9a-f]{8}$")  # "-<pid>-<rand>" at the end of a writer-tagged name
+LOCK_FILE = ".lock"
+# A write that fails with one of these is the folder's fault (full, over quota, read-only, not ours), not the
+# unit's: said once, with what to do, instead of as a traceback.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+FOLDER_ERRNOS = (*DISK_FULL, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class RunFolderError(RuntimeError):
+    """A run folder that cannot be written, or that another driver is writing: the user's to fix, said plainly."""
+
+
+class RunFolderBusy(RunFolderError):
+    """Another live driver holds the run folder's lock."""
 
 
 def fsync_dir(folder: Path) -> None:
@@ -135,6 +150,75 @@ def writer_gone(path: Path, prefix: str, max_age_s: float = STALE_AFTER_S) -> bo
         return time.time() - path.lstat().st_mtime > max_age_s
     except FileNotFoundError:
         return False
+
+
+def folder_error(folder: Path, exc: OSError) -> RunFolderError:
+    """What to tell the user when writing under `folder` failed for the folder's own reason."""
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(folder) else ""
+    if exc.errno in DISK_FULL:
+        fix = "free space (or pick another --out)"
+    else:
+        fix = "make it writable (or pick another --out)"
+    return RunFolderError(f"cannot write to the output folder {folder}: {exc.strerror or exc}{where}; {fix} and run "
+                          "again; --resume continues a run, keeping the units it committed")
+
+
+@contextlib.contextmanager
+def folder_errors(folder: str | Path) -> Iterator[None]:
+    """Inside the block, a write under `folder` that fails for the folder's reason (full, read-only) becomes a
+    RunFolderError that says so and what to do; every other error passes unchanged. A full disk's error often
+    names no file (a failed write() has none): it is the folder's too."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in FOLDER_ERRNOS or not _under(exc.filename, Path(folder), exc.errno in DISK_FULL):
+            raise
+        raise folder_error(Path(folder), exc) from exc
+
+
+def _under(filename, folder: Path, unnamed: bool) -> bool:
+    """Whether an error's file lies under `folder`; `unnamed` answers for an error that names no file."""
+    if not filename:
+        return unnamed
+    return Path(os.fsdecode(filename)).absolute().is_relative_to(folder.absolute())
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path) -> Iterator[Path]:
+    """Hold `<folder>/.lock` for one driver's run; another driver on the same folder is refused, not queued.
+
+    The lock is an exclusive `flock`: the kernel releases it when its holder exits, even by SIGKILL, so a
+    crashed run never blocks its `--resume`. Opening the lock file is also the first write into the folder,
+    so a folder that cannot be written is said here, before any work. Backends that commit from other
+    processes (Ray actors, Slurm tasks) do not take it: they work for the driver that holds it.
+    """
+    folder = Path(folder)
+    path = folder / LOCK_FILE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileExistsError as exc:
+        raise RunFolderError(f"the output folder {folder} exists and is not a folder; pick another --out") from exc
+    except OSError as exc:
+        raise folder_error(folder, exc) from exc
+    try:
+        _claim(fd, folder)
+        yield path
+    finally:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _claim(fd: int, folder: Path) -> None:
+    """Take the lock on `fd` without waiting and record who holds it; a held lock names its holder."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").split()
+        who = f" (pid {holder[0]}, host {holder[1]})" if len(holder) >= 2 else ""
+        raise RunFolderBusy(f"another mmtrace run{who} is writing to {folder}; wait for it or use another "
+                            "--out") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
 
 
 def write_json(path: Path, obj) -> Path:

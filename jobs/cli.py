@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from mmtrace.cluster.store import RunFolderError
 from mmtrace.jobs.config import TraceConfig, add_config_arguments, config_from_args, known_values
 from mmtrace.workers.spec import DTYPES
 
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RunFolderError) as exc:
         print(f"mmtrace: error: {exc}", file=sys.stderr)
         return 2
 

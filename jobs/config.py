@@ -112,6 +112,10 @@ class TraceConfig(FlatConfig):
     dtype: str = option("float32", choices=DTYPES, identity=True, help="weights' and activations' dtype")
     device: str = option("cpu", identity=False, help="cpu, cuda, cuda:1, ... (moves numbers by ~1e-7 only)")
     trust_remote_code: bool = option(False, identity=False, help="run the checkpoint's own code (off by default)")
+    allow_pickle: bool = option(False, identity=False,
+                                help="load a checkpoint whose weights are only pickle (pytorch_model.bin); "
+                                     "unpickling can run code hidden in the file, so only for sources you trust "
+                                     "(off by default: safetensors only)")
     trace: TraceSpec = dataclasses.field(default_factory=TraceSpec, metadata={"nested": True})
     samples_per_unit: int = option(1, identity=False, help="samples per committed work unit")
     layers_per_unit: int | None = option(None, identity=False, help="layers per unit (default: a kind's depth)")
@@ -178,19 +182,30 @@ def known_values(recorded: dict, cls: type = TraceConfig) -> tuple[dict, list[st
     return {k: v for k, v in recorded.items() if k in known}, sorted(set(recorded) - known)
 
 
-def from_flat(values: dict, cls: type = TraceConfig) -> Any:
-    """A config of class `cls` (TraceConfig, EditConfig) from flat keys; an unknown key is an error naming
-    the valid ones."""
+def check_values(values: dict, cls: type = TraceConfig) -> dict:
+    """`values` with each key known to `cls` and each value of its field's type (the CLI's text forms
+    coerced); an unknown key or a wrong type is an error naming the key and what it wants."""
     known = keys(cls)
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(known)}")
-    top: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {}
-    for key, owner, f, parent in leaf_fields(cls):
+    checked = {}
+    for key, owner, f, _ in leaf_fields(cls):
         if key in values:
             hint = typing.get_type_hints(owner)[f.name]
-            (nested.setdefault(parent, {}) if parent else top)[f.name] = _coerce(key, values[key], hint)
+            checked[key] = _typed(key, _coerce(key, values[key], hint), hint)
+    return checked
+
+
+def from_flat(values: dict, cls: type = TraceConfig) -> Any:
+    """A config of class `cls` (TraceConfig, EditConfig) from flat keys; an unknown key or a value of the
+    wrong type is an error naming the key."""
+    values = check_values(values, cls)
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, _, f, parent in leaf_fields(cls):
+        if key in values:
+            (nested.setdefault(parent, {}) if parent else top)[f.name] = values[key]
     for parent, inner in nested.items():
         top[parent] = _nested_type(cls, _field(cls, parent))(**inner)
     return cls(**top)
@@ -199,17 +214,60 @@ def from_flat(values: dict, cls: type = TraceConfig) -> Any:
 def _coerce(key: str, value: Any, hint: Any = None) -> Any:
     """Flags, YAML and manifests alike: comma strings and lists where the dataclass holds tuples, the
     CLI's text forms where it holds mappings."""
-    if key in PARSERS and not isinstance(value, dict):
+    if key in PARSERS and isinstance(value, (str, list, tuple)):
         return PARSERS[key](value)
-    if typing.get_origin(hint) is tuple and isinstance(value, str):
+    if typing.get_origin(hint) is not tuple:
+        return value
+    if isinstance(value, str):
         return tuple(k.strip() for k in value.split(",") if k.strip())
     return tuple(value) if isinstance(value, list) else value
 
 
-def load_yaml(path: str | Path) -> dict:
+_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+
+
+def _typed(key: str, value: Any, hint: Any) -> Any:
+    """`value` as field type `hint` (None where the field is optional; int as float; a number as text), or a
+    ValueError naming the key, what it wants and what it got."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, tuple):
+            raise _wrong(key, value, f"a list (each item {_NAMES[item]})")
+        return tuple(_item(key, v, item) for v in value)
+    ok = {bool: isinstance(value, bool), int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, (str, int, float)) and not isinstance(value, bool), dict: isinstance(value, dict)}
+    if not ok.get(hint, True):
+        raise _wrong(key, value, _NAMES[hint])
+    return {float: float, str: str}.get(hint, lambda v: v)(value)
+
+
+def _item(key: str, value: Any, hint: type) -> Any:
+    """One item of a list-valued key; a comma-separated flag's items arrive as text, so "8" is an int here."""
+    if hint is int and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return _typed(key, value, hint)
+
+
+def _wrong(key: str, value: Any, wanted: str) -> ValueError:
+    return ValueError(f"config key {key!r} wants {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def load_yaml(path: str | Path, cls: type | None = None) -> dict:
+    """A YAML config file's keys; with `cls`, each key and value checked against it, the error naming the file."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file holds a mapping of config keys, got {type(data).__name__}")
+    if cls is not None:
+        try:
+            check_values(data, cls)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
     return data
 
 
@@ -267,5 +325,5 @@ def _help(f: dataclasses.Field, hint: Any) -> str:
 def config_from_args(args: argparse.Namespace, recorded: dict | None = None) -> TraceConfig:
     """Flags over the YAML file over a resumed run's recorded config."""
     flags = {key: getattr(args, key, None) for key in keys()}
-    base = {**(recorded or {}), **(load_yaml(args.config) if getattr(args, "config", None) else {})}
+    base = {**(recorded or {}), **(load_yaml(args.config, TraceConfig) if getattr(args, "config", None) else {})}
     return make_config(base, **flags)

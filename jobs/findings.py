@@ -25,7 +25,7 @@ def eligible(by_role: pd.DataFrame) -> pd.DataFrame:
 
 def top_cells(by_role: pd.DataFrame, n: int = TOP) -> list[str]:
     rows = eligible(by_role).nlargest(n, "mean_ie")
-    return [f"  {r.kind:6} layer {int(r.layer):2}  {r.token_role:10}  ie {r.mean_ie:+.3f} ± {r.ci95_ie:.3f}"
+    return [f"  {r.kind:6} layer {int(r.layer):2}  {r.token_role:11}  ie {r.mean_ie:+.3f} ± {r.ci95_ie:.3f}"
             for r in rows.itertuples()]
 
 
@@ -34,12 +34,13 @@ def layer_table(by_role: pd.DataFrame) -> list[str]:
     kinds = [k for k in KINDS if k in set(frame["kind"])]
     roles = {k: frame[frame["kind"] == k].nlargest(1, "mean_ie")["token_role"].iloc[0] for k in kinds}
     heads = [f"{k}@{roles[k]}" for k in kinds]
-    lines = ["  layer " + "".join(f"{h:>18}" for h in heads)]
+    width = max(18, *(len(h) + 2 for h in heads))
+    lines = ["  layer " + "".join(f"{h:>{width}}" for h in heads)]
     for layer in sorted(frame["layer"].unique()):
         values = []
         for k in kinds:
             hit = frame[(frame["kind"] == k) & (frame["token_role"] == roles[k]) & (frame["layer"] == layer)]
-            values.append(f"{hit['mean_ie'].iloc[0]:+18.3f}" if len(hit) else f"{'':18}")
+            values.append(f"{hit['mean_ie'].iloc[0]:+{width}.3f}" if len(hit) else " " * width)
         lines.append(f"  {int(layer):5} " + "".join(values))
     return lines
 
@@ -47,7 +48,7 @@ def layer_table(by_role: pd.DataFrame) -> list[str]:
 def effects(out: Path) -> list[str]:
     """Top cells and the per-layer table of a reduced run (its `summary_by_role.parquet`)."""
     path = out / report.SUMMARY_BY_ROLE_FILE
-    by_role = pd.read_parquet(path) if path.exists() else None
+    by_role = report.joint(pd.read_parquet(path)) if path.exists() else None
     if by_role is None or eligible(by_role).empty:
         return ["  no traced cells to show"]
     n = int(by_role["n"].max())

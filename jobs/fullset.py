@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmtrace.jobs.datasets import SUBSETS, resolve_dataset
+from mmtrace.jobs.datasets import SUBSETS, resolve_dataset, span_variants
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 MMTRACE = Path(sys.executable).with_name("mmtrace")
@@ -480,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = slice_dataset(args.data, out / "data", args.per_subset) if args.per_subset else Path(args.data)
     dataset = f"vqa-constraints:{data.resolve()}/"
-    ids = [s.sample_id for s in resolve_dataset(dataset, missing_images="blank", limit=args.limit)]
+    ids = [s.sample_id for s in span_variants(resolve_dataset(dataset, missing_images="blank", limit=args.limit))]
     cpus = args.cpus or os.cpu_count() or 1
     ray_options = [f"num_actors={cpus}", *args.ray_option]
     slurm_options = [f"max_tasks={cpus}", *args.slurm_option]  # one model load per array task: few, long tasks

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from mmtrace.cluster.store import atomic_path
 from mmtrace.workers.cells import CELL_SCHEMA, SAMPLE_SCHEMA
-from mmtrace.workers.spec import ALIGNED_ROLES, KINDS, TOKEN_ROLES
+from mmtrace.workers.spec import KINDS, role_rank
 
 CELLS_DIR = "cells"
 SAMPLES_FILE = "samples.parquet"
@@ -247,19 +247,19 @@ def _summarize(cells: pd.DataFrame | pa.Table, keys: list[str]) -> pd.DataFrame:
 
 
 def _order(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Rows in the paper's order: kinds as in KINDS, roles as in TOKEN_ROLES, then window and layer."""
+    """Rows in the paper's order: kinds as in KINDS, roles in prompt order (`role_rank`), then window and layer."""
     rank = {}
     if "kind" in keys:
         rank["kind"] = {k: i for i, k in enumerate(KINDS)}
-    if "token_role" in keys:
-        rank["token_role"] = {r: i for i, r in enumerate(TOKEN_ROLES)}
 
     def sort_key(col: pd.Series) -> pd.Series:
+        if col.name == "token_role":
+            return col.map(role_rank)
         if col.name in rank:
             return col.map(rank[col.name]).fillna(len(rank[col.name])).astype(int)
         return col
 
-    order = [k for k in ("kind", "window", "layer", "token_role") if k in keys]
+    order = [k for k in ("kind", "window", "layer", "token_role", "corrupted") if k in keys]
     return frame.sort_values(order, key=sort_key, kind="stable").reset_index(drop=True)
 
 
@@ -275,8 +275,18 @@ def summarize(cells: pd.DataFrame | pa.Table) -> pd.DataFrame:
 
 
 def summarize_by_role(cells: pd.DataFrame | pa.Table) -> pd.DataFrame:
-    """As `summarize`, per (kind, window, layer, token_role): where in the prompt the effect sits."""
-    return _summarize(cells, ["kind", "window", "layer", "token_role"])
+    """As `summarize`, per (kind, window, layer, token_role, corrupted): where in the prompt the effect sits,
+    under each corruption (`all` spans, or one span of a several-constraint question)."""
+    frame = _frame(cells)
+    keys = ["kind", "window", "layer", "token_role"] + (["corrupted"] if "corrupted" in frame.columns else [])
+    return _summarize(frame, keys)
+
+
+def joint(cells: pd.DataFrame | pa.Table) -> pd.DataFrame:
+    """The cells of runs that corrupted every constraint of their question (the paper's corruption): what
+    the summary and the main heatmaps average; single-span corruptions are summarised by role and drawn apart."""
+    frame = cells.to_pandas() if isinstance(cells, pa.Table) else cells
+    return frame[frame["corrupted"] == "all"] if "corrupted" in frame.columns else frame
 
 
 def best_cell(cells: pd.DataFrame | pa.Table, exclude_hidden_last: bool = True) -> dict:
@@ -382,9 +392,10 @@ def write_summary(out_dir: str | os.PathLike, cells: pd.DataFrame | pa.Table,
     Pass the cells of `ok` samples only; `counts` (status -> samples) is shown in summary.md.
     """
     out_dir = Path(out_dir)
-    frame = _frame(cells)
+    everything = _frame(cells)
+    frame = joint(everything)
     summary = summarize(frame)
-    by_role = summarize_by_role(frame)
+    by_role = summarize_by_role(everything)
     try:
         best = best_cell(frame)
     except ValueError:
@@ -428,7 +439,7 @@ def _one_window(frame: pd.DataFrame, window: int | None) -> pd.DataFrame:
 
 
 def heatmap_matrix(cells: pd.DataFrame | pa.Table, kind: str, window: int | None = None) -> pd.DataFrame:
-    """The matrix a heatmap panel draws: rows aligned roles (ALIGNED_ROLES order, present ones), columns
+    """The matrix a heatmap panel draws: rows aligned roles (in prompt order, spans apart: `role_rank`), columns
     layers, values mean ie averaged within each sample over positions of the role, then across samples.
 
     NaN marks a (role, layer) no sample has. With several windows in the cells, `window` must pick one.
@@ -437,7 +448,7 @@ def heatmap_matrix(cells: pd.DataFrame | pa.Table, kind: str, window: int | None
     frame = frame[frame["kind"] == kind]
     ps = per_sample(frame, ["aligned_role", "layer"])
     matrix = ps.groupby(["aligned_role", "layer"])["ie"].mean().unstack("layer")
-    rows = [r for r in ALIGNED_ROLES if r in matrix.index] + sorted(set(matrix.index) - set(ALIGNED_ROLES))
+    rows = sorted(matrix.index, key=lambda r: (role_rank(r), r))
     matrix = matrix.reindex(index=rows, columns=sorted(matrix.columns))
     matrix.index.name, matrix.columns.name = "aligned_role", "layer"
     return matrix.astype(float)
@@ -494,7 +505,8 @@ def plot_heatmaps(cells: pd.DataFrame | pa.Table, out_dir: str | os.PathLike, ti
     """
     from matplotlib.figure import Figure
 
-    frame = _one_window(_frame(cells), window)
+    everything = _one_window(_frame(cells), window)
+    frame = joint(everything)
     kinds = [k for k in KINDS if k in set(frame["kind"])]
     if not kinds:
         raise ValueError("plot_heatmaps: no cells to draw")
@@ -523,7 +535,21 @@ def plot_heatmaps(cells: pd.DataFrame | pa.Table, out_dir: str | os.PathLike, ti
         if title:
             fig.suptitle(title, fontsize=11)
         paths.append(save_figure(fig, out_dir / f"heatmap_{kind}.png"))
+    if "corrupted" in everything.columns and everything["corrupted"].nunique() > 1:
+        paths.append(plot_spans(everything, out_dir / "heatmap_spans.png"))
     return paths
+
+
+def plot_spans(cells: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Several-constraint questions: one row of panels per corruption (every span, then each span alone),
+    over the same questions, rows aligned span by span (constraint1_*, between1, constraint2_*, ...)."""
+    several = cells[cells["token_role"].str.fullmatch(r"constraint\d+")].groupby("sample_id").size().index
+    roots = {sid.split("/span")[0] for sid in several}
+    frame = cells[cells["sample_id"].str.split("/span").str[0].isin(roots)]
+    labels = sorted(frame["corrupted"].unique(), key=lambda c: (c != "all", c))
+    groups = [frame[frame["corrupted"] == c] for c in labels]
+    names = ["every constraint corrupted" if c == "all" else f"constraint {c} alone" for c in labels]
+    return plot_rows(groups, names, path)
 
 
 def plot_comparison(cells_a: pd.DataFrame | pa.Table, cells_b: pd.DataFrame | pa.Table,
@@ -532,19 +558,25 @@ def plot_comparison(cells_a: pd.DataFrame | pa.Table, cells_b: pd.DataFrame | pa
 
     The two panels of a kind share one colour scale, so the colours compare across the rows.
     """
-    from matplotlib.figure import Figure
-
     if len(labels) != 2:
         raise ValueError(f"plot_comparison: need two labels, got {list(labels)}")
-    frames = [_one_window(_frame(c), window) for c in (cells_a, cells_b)]
+    return plot_rows([cells_a, cells_b], labels, path, window)
+
+
+def plot_rows(cells: Sequence[pd.DataFrame | pa.Table], labels: Sequence[str], path: str | os.PathLike,
+              window: int | None = None) -> Path:
+    """One row of heatmaps per cells table, one column per kind; a kind's panels share one colour scale."""
+    from matplotlib.figure import Figure
+
+    frames = [_one_window(_frame(c), window) for c in cells]
     kinds = [k for k in KINDS if any(k in set(f["kind"]) for f in frames)]
     if not kinds:
-        raise ValueError("plot_comparison: no cells to draw")
+        raise ValueError("plot_rows: no cells to draw")
     matrices = [{k: heatmap_matrix(f, k) for k in kinds if k in set(f["kind"])} for f in frames]
     widths = [max(_panel_size(m[k])[0] for m in matrices if k in m) for k in kinds]
     heights = [max([_panel_size(m[k])[1] for k in m] or [2.4]) for m in matrices]
     fig = Figure(figsize=(sum(widths), sum(heights)), layout="constrained")
-    axes = fig.subplots(2, len(kinds), squeeze=False, width_ratios=widths, height_ratios=heights)
+    axes = fig.subplots(len(frames), len(kinds), squeeze=False, width_ratios=widths, height_ratios=heights)
     for col, kind in enumerate(kinds):
         values = np.concatenate([m[kind].to_numpy(dtype=float).ravel() for m in matrices if kind in m])
         values = values[np.isfinite(values)]

@@ -10,14 +10,14 @@ from functools import partial
 from pathlib import Path
 
 from mmtrace.cluster.executor import UnitFailure, make_executor
-from mmtrace.cluster.store import RunStore
+from mmtrace.cluster.store import RunStore, folder_errors, run_lock
 from mmtrace.jobs import identity
 from mmtrace.jobs.config import TraceConfig
 from mmtrace.jobs.organism.install import organism_version
 from mmtrace.jobs.plan import plan_units
 from mmtrace.jobs.progress import progress
 from mmtrace.jobs.reduce import Reduced, UnitSink, reduce_run
-from mmtrace.workers.adapters import num_decoder_layers, prompt_templates
+from mmtrace.workers.adapters import num_decoder_layers, prompt_templates, refuse_pickle, takes_images
 from mmtrace.workers.spec import Sample
 from mmtrace.workers.worker import ModelSpec, TraceUnit, TraceWorker
 
@@ -28,15 +28,44 @@ def resolve_model(model: str) -> str:
         from mmtrace.jobs.organism import ensure_organism
 
         return str(ensure_organism(version=version))
+    check_local_model(model)
     return model
+
+
+def check_local_model(model: str) -> None:
+    """A model named by a path (absolute, `./`, `~`, or deeper than a hub id's `org/name`) must be a checkpoint
+    folder: said before any work, rather than asking the hub for a repository of that name."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model folder {model} has no config.json: it is not a Hugging Face checkpoint; "
+                                    "give the folder that holds config.json and the weights")
+        return
+    if path.exists():
+        raise FileNotFoundError(f"model {model} is a file; give the checkpoint's folder (holding config.json)")
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        raise FileNotFoundError(f"model folder {model} does not exist; give a checkpoint folder (holding "
+                                "config.json) or a hub id such as llava-hf/llava-1.5-7b-hf")
+
+
+def check_model(cfg: TraceConfig, model_path: str, revision: str | None, samples: list[Sample]) -> int:
+    """The decoder's depth, once the checkpoint is known to suit the run: safetensors unless pickle is allowed,
+    and images only for a model that takes them (else every sample would fail the same way, after loading)."""
+    refuse_pickle(model_path, cfg.allow_pickle)
+    visual = sum(s.is_visual for s in samples if s.error is None)
+    if visual and not takes_images(model_path, revision, cfg.trust_remote_code):
+        raise ValueError(f"model {cfg.model} is text-only (its config has no vision_config) but {visual} of the "
+                         f"{len(samples)} samples of dataset {cfg.dataset} have images; trace it on text-only "
+                         "questions (e.g. organism:text) or give an image-text (LLaVA-family) model")
+    return num_decoder_layers(model_path, revision, cfg.trust_remote_code)
 
 
 def load_samples(cfg: TraceConfig) -> list[Sample]:
     """The run's samples; an organism dataset without a version asks the organism the model names."""
-    from mmtrace.jobs.datasets import resolve_dataset
+    from mmtrace.jobs.datasets import resolve_dataset, span_variants
 
-    return resolve_dataset(cfg.dataset, images=cfg.images or None, missing_images=cfg.missing_images,
-                           limit=cfg.limit, organism=organism_version(cfg.model))
+    return span_variants(resolve_dataset(cfg.dataset, images=cfg.images or None, missing_images=cfg.missing_images,
+                                         limit=cfg.limit, organism=organism_version(cfg.model)))
 
 
 @dataclass(frozen=True)
@@ -161,21 +190,31 @@ def run_trace(cfg: TraceConfig) -> RunResult:
 
     A folder may hold units of earlier configs: they are kept (a later run may need them again) but the
     reducer merges only this run's units into the tables. A unit whose worker failed is not committed: the
-    reduce marks its samples pending, and `RunResult.failed` names it for the caller.
+    reduce marks its samples pending, and `RunResult.failed` names it for the caller. The model and data are
+    checked before the folder is touched; the folder is then held (`run_lock`) until the reduce is done, so
+    a second driver on it is refused, and a full or read-only folder is said plainly (`folder_errors`).
     """
     started = time.perf_counter()
     model_path = resolve_model(cfg.model)
     samples = load_samples(cfg)
     ident = RunIdentity.of(cfg, model_path, samples)
-    store = RunStore(cfg.out)
-    store.clean_partial()
-    layers = num_decoder_layers(model_path, ident.revision, cfg.trust_remote_code)
+    layers = check_model(cfg, model_path, ident.revision, samples)
     units = plan_units(samples, ident.unit_base(cfg), cfg.trace.kinds, layers, cfg.samples_per_unit,
                        cfg.layers_per_unit)
+    with run_lock(cfg.out), folder_errors(cfg.out):
+        return _run_units(cfg, ident, samples, units, started)
+
+
+def _run_units(cfg: TraceConfig, ident: RunIdentity, samples: list[Sample], units: list[TraceUnit],
+               started: float) -> RunResult:
+    """Commit the units not yet in the folder, then reduce every unit of the run into its tables."""
+    store = RunStore(cfg.out)
+    store.clean_partial()
     store.write_manifest(_manifest(cfg, ident, samples, [u.unit_id for u in units]))
     committed = store.committed()
     todo = [u for u in units if u.unit_id not in committed]
-    model = ModelSpec(model_path, cfg.dtype, cfg.device, ident.revision, cfg.trust_remote_code)
+    model = ModelSpec(path=ident.model_path, dtype=cfg.dtype, device=cfg.device, revision=ident.revision,
+                      trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     executor = make_executor(cfg.backend.name, **executor_options(cfg))
     factory = partial(TraceWorker, model, cfg.trace, cfg.engine)
     failed = execute_units(executor, factory, todo, UnitSink(str(cfg.out)), label="trace",

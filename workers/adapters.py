@@ -7,8 +7,10 @@ family is one subclass that says where its decoder layers live and how it encode
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -33,8 +36,15 @@ from mmtrace.workers.spec import (
 
 # A file that is missing, not an image or truncated is the sample's fault; any other OSError (an I/O error, a
 # file system a worker node cannot see right now) is the machine's, and its unit is retried.
-IMAGE_FAULTS = (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, Image.DecompressionBombError,
-                SyntaxError, ValueError)
+IMAGE_FAULTS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, UnidentifiedImageError,
+                Image.DecompressionBombError, SyntaxError, ValueError)
+# OSErrors the file itself causes: a symbolic link that loops, a name too long, a path through a file.
+IMAGE_PATH_ERRNOS = (errno.ELOOP, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.ENOENT)
+# The most pixels an image may have (8000 x 8000): the processor shrinks every image to a few hundred pixels a
+# side, so a larger one only costs memory (an RGB decode of 20000 x 20000 is 1.2 GB) and is refused from its
+# header, before decoding. Below PIL's own bomb limits, so PIL never warns about an image mmtrace accepts.
+MAX_IMAGE_PIXELS = 64_000_000
+SHRINK_IMAGE = "downscale it (the model sees a few hundred pixels a side)"
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 assert tuple(TORCH_DTYPES) == DTYPES
 # The MLP output projection's name per family: Llama/Mistral/Qwen `down_proj`, Phi `fc2`, GPT-2 `c_proj`.
@@ -45,10 +55,57 @@ OUT_PROJ_NAMES = ("o_proj", "dense")
 MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
 # The per-model settings file mmtrace reads beside a checkpoint (prompt templates); optional.
 SETTINGS_FILE = "mmtrace.json"
+PICKLE_WEIGHTS = "pytorch_model*.bin"  # transformers' pickle weights, whole or sharded
 
 
 class SampleError(ValueError):
     """A sample that cannot be encoded; the run records the message for that sample and goes on."""
+
+
+class ImageRefused(ValueError):
+    """An image file refused from its header (too many pixels): the sample's fault, never decoded."""
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The image at `path` with only its header read, refused when it has more than MAX_IMAGE_PIXELS.
+
+    `Image.open` decodes nothing, so a 20000 x 20000 file costs nothing to refuse; PIL's own
+    DecompressionBombError (raised from the header too) becomes the same refusal.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise ImageRefused(f"image {path} has more than {MAX_IMAGE_PIXELS:,} pixels ({exc}); {SHRINK_IMAGE}") from exc
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        image.close()
+        raise ImageRefused(f"image {path} is {width} x {height} ({width * height:,} pixels), over the limit of "
+                           f"{MAX_IMAGE_PIXELS:,}; {SHRINK_IMAGE}")
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB, as the processor takes it, whatever the file's mode.
+
+    Integer modes (a 16-bit PNG opens as I;16) are scaled from 16 to 8 bits, where a plain convert would
+    clip every value above 255 to white; transparency is composited onto white, as transformers'
+    `convert_to_rgb` does, where a plain convert would keep whatever colour hides under it.
+    """
+    if image.mode.startswith("I"):
+        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
+        image = Image.fromarray(values.astype(np.uint8))
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def is_file_fault(exc: OSError) -> bool:
+    """Whether an OSError from reading an image is the file's (PIL's decoder errors, like a truncated file,
+    carry no errno; a looping link or a path through a file do) rather than the machine's (EIO, ESTALE)."""
+    return exc.errno is None or exc.errno in IMAGE_PATH_ERRNOS
 
 
 @dataclass(frozen=True)
@@ -253,25 +310,31 @@ class Adapter(ABC):
         """A question without an image: an LLM's, or an MLLM's text-only twin (the decoder alone)."""
         prompt, question_at = self.prompt(sample, False)
         enc = self.tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
-        span = self._locate(sample, enc["offset_mapping"][0].tolist(), question_at)
+        spans = self._locate(sample, enc["offset_mapping"][0].tolist(), question_at)
         ids = enc["input_ids"]
-        return Encoded(ids, None, span, None, 0, self._tokens(ids))
+        return Encoded(ids, None, spans[0], None, 0, self._tokens(ids), spans, sample.corrupted)
 
     def _tokens(self, ids: torch.Tensor) -> list[str]:
         """Each token as text (what a reader of the cell table wants, not 'Ġbuilding')."""
         return [self.tokenizer.decode([i]) for i in ids[0].tolist()]
 
-    def _locate(self, sample: Sample, offsets, question_at: int, shift: int = 0) -> tuple[int, int]:
-        """Token span of the constraint: characters in the question -> in the prompt -> tokens.
+    def _locate(self, sample: Sample, offsets, question_at: int, shift: int = 0) -> tuple[tuple[int, int], ...]:
+        """Token spans of the constraints: characters in the question -> in the prompt -> tokens.
 
-        The constraint is searched in the question as the prompt holds it (stripped, "?"-terminated), so
-        its characters count from `question_at`. `shift` is how many characters the processor inserted
-        before the question (image placeholders expanded before tokenising), since offsets index the
-        expanded prompt.
+        Each constraint is searched in the question as the prompt holds it (stripped, "?"-terminated), after
+        the previous one, so its characters count from `question_at`. `shift` is how many characters the
+        processor inserted before the question (image placeholders expanded before tokenising), since
+        offsets index the expanded prompt.
         """
-        cs, ce = find_constraint(format_question(sample.question), sample.constraint)
-        at = question_at + shift
-        return token_span(offsets, cs + at, ce + at)
+        question, at, spans, done = format_question(sample.question), question_at + shift, [], 0
+        for text in sample.spans:
+            cs, ce = find_constraint(question[done:], text)
+            spans.append(token_span(offsets, cs + done + at, ce + done + at))
+            done += ce
+        if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
+            raise SampleError(f"{sample.sample_id}: constraints {list(sample.spans)} share a token; give disjoint "
+                              f"spans")
+        return tuple(spans)
 
 
 class CausalLMAdapter(Adapter):
@@ -314,12 +377,24 @@ class LlavaAdapter(Adapter):
     def load_image(self, sample: Sample) -> Image.Image:
         if sample.image == BLANK_IMAGE:
             return Image.new("RGB", self.image_size, (128, 128, 128))
+        if sample.image is None:
+            raise SampleError(f"{sample.sample_id}: the sample has no image; give it one or trace it text-only")
         try:
-            with Image.open(sample.image) as im:
-                return im.convert("RGB")
+            with open_image(sample.image) as im:
+                return to_rgb(im)
+        except ImageRefused as exc:
+            raise SampleError(f"{sample.sample_id}: {exc}, or pass --missing-images blank") from exc
+        except OSError as exc:
+            if not is_file_fault(exc):
+                raise
+            raise self._unreadable(sample, exc) from exc
         except IMAGE_FAULTS as exc:
-            raise SampleError(f"{sample.sample_id}: cannot read image {sample.image!r} ({exc}); fix the file or "
-                              "pass --missing-images blank") from exc
+            raise self._unreadable(sample, exc) from exc
+
+    @staticmethod
+    def _unreadable(sample: Sample, exc: Exception) -> SampleError:
+        return SampleError(f"{sample.sample_id}: cannot read image {sample.image!r} ({type(exc).__name__}: {exc}); "
+                           "replace the file, or pass --missing-images blank")
 
     def prompt(self, sample: Sample, visual: bool) -> tuple[str, int]:
         """As the base, and the prompt holds exactly one image placeholder (none for a text-only twin).
@@ -354,9 +429,9 @@ class LlavaAdapter(Adapter):
             raise SampleError(f"{sample.sample_id}: image tokens are not contiguous")
         n_before = prompt[:question_at].count(self.image_token)
         shift = n_before * (len(where) - 1) * len(self.image_token)
-        span = self._locate(sample, enc["offset_mapping"][0].tolist(), question_at, shift)
-        return Encoded(ids, enc["pixel_values"].to(self.dtype), span, image_span, image_span[1] - 1,
-                       self._tokens(ids))
+        spans = self._locate(sample, enc["offset_mapping"][0].tolist(), question_at, shift)
+        return Encoded(ids, enc["pixel_values"].to(self.dtype), spans[0], image_span, image_span[1] - 1,
+                       self._tokens(ids), spans, sample.corrupted)
 
 
 def _settings(path: Path) -> dict:
@@ -380,21 +455,56 @@ def prompt_templates(model: str) -> dict[str, str]:
     return {"visual": given.get("visual") or DEFAULT_TEMPLATE, "text": given.get("text") or TEXT_TEMPLATE}
 
 
-def num_decoder_layers(model: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
-    """The decoder depth from the config alone, so a planner can slice grids without loading weights."""
+def model_config(model: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The checkpoint's config; one that needs its own code says which mmtrace flag runs it, since
+    transformers' own message names a Python argument."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if trust_remote_code or "trust_remote_code" not in str(exc):
+            raise
+        raise ValueError(f"model {model} needs its own Python code to load (its config names custom code), which "
+                         "mmtrace does not run unless asked; read that code, then pass --trust-remote-code "
+                         "(config key trust_remote_code: true) if you trust it") from None
+
+
+def takes_images(model: str, revision: str | None = None, trust_remote_code: bool = False) -> bool:
+    """Whether the checkpoint is image-text-to-text (its config has a vision_config), from the config alone,
+    so a text-only model given image samples is refused before any work; `load_adapter` decides alike."""
+    return getattr(model_config(model, revision, trust_remote_code), "vision_config", None) is not None
+
+
+def refuse_pickle(model: str, allow_pickle: bool = False) -> None:
+    """Refuse a local checkpoint whose weights exist only as pickle, unless the user opted in: unpickling a
+    file can run code hidden in it, reading safetensors cannot."""
+    folder = Path(model)
+    if allow_pickle or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.glob(PICKLE_WEIGHTS))
+    if pickled:
+        raise ValueError(f"{folder}: the weights are only in pickle format ({', '.join(pickled)}), no *.safetensors. "
+                         "Loading a pickle can run code hidden in the file, so mmtrace loads safetensors only. "
+                         "Convert the checkpoint where you trust it (transformers' save_pretrained writes "
+                         "safetensors), or pass --allow-pickle (config key allow_pickle: true) if you trust its "
+                         "source")
+
+
+def num_decoder_layers(model: str, revision: str | None = None, trust_remote_code: bool = False) -> int:
+    """The decoder depth from the config alone, so a planner can slice grids without loading weights."""
+    config = model_config(model, revision, trust_remote_code)
     text = getattr(config, "text_config", None) or config
     return int(text.num_hidden_layers)
 
 
 def load_adapter(model: str, dtype: str = "float32", device: str = "cpu", revision: str | None = None,
-                 trust_remote_code: bool = False) -> Adapter:
-    """Load a checkpoint (local folder or hub id) as the right adapter; safetensors only.
+                 trust_remote_code: bool = False, allow_pickle: bool = False) -> Adapter:
+    """Load a checkpoint (local folder or hub id) as the right adapter; safetensors only unless `allow_pickle`.
 
     Image-text-to-text configs (those with a vision_config) load as LLaVA-family models, everything else as
-    a causal LM. `trust_remote_code` stays off unless the user asks, since it runs the checkpoint's code.
+    a causal LM. `trust_remote_code` and `allow_pickle` stay off unless the user asks, since either runs code
+    that comes with the checkpoint.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
@@ -404,9 +514,10 @@ def load_adapter(model: str, dtype: str = "float32", device: str = "cpu", revisi
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    refuse_pickle(model, allow_pickle)
     kw = dict(revision=revision, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(model, **kw)
-    load = dict(kw, dtype=TORCH_DTYPES[dtype], use_safetensors=True)
+    load = dict(kw, dtype=TORCH_DTYPES[dtype], use_safetensors=None if allow_pickle else True)
     templates = prompt_templates(model)
     if getattr(config, "vision_config", None) is not None:
         net = AutoModelForImageTextToText.from_pretrained(model, **load).to(device)

@@ -18,8 +18,9 @@ CELL_SCHEMA = pa.schema(
         ("layer_hi", pa.int32()),
         ("position", pa.int32()),  # index in the merged sequence (image tokens expanded)
         ("token", pa.string()),
-        ("token_role", pa.string()),  # image | before | constraint | after | last
+        ("token_role", pa.string()),  # image | before | constraint | after | last (constraint1, between, ...)
         ("aligned_role", pa.string()),  # token_role refined (constraint_first, after_first, ...)
+        ("corrupted", pa.string()),  # which constraint spans the corrupted run replaced: all, or 1, 2, ...
         ("p_clean", pa.float64()),
         ("p_corrupt", pa.float64()),
         ("p_restored", pa.float64()),
@@ -51,6 +52,9 @@ SAMPLE_SCHEMA = pa.schema(
         ("num_cells", pa.int32()),  # a unit: its slice's cells; the run: the sample's cells in cells/ (0 unless ok)
         ("status", pa.string()),  # ok | error | pending (a unit of it not committed yet; run tables only)
         ("error", pa.string()),  # why not ok: the failing slices' messages, or the missing units
+        ("corrupted", pa.string()),  # which constraint spans the corrupted run replaced: all, or 1, 2, ...
+        ("match", pa.string()),  # how the constraint was found in the question: exact | case | words
+        ("match_confidence", pa.float64()),
     ]
 )
 

@@ -7,6 +7,7 @@ picklable dataclasses: a Ray actor or a Slurm job receives them unchanged.
 
 from __future__ import annotations
 
+import re
 from dataclasses import MISSING, dataclass, field, fields
 from string import Formatter
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,25 @@ TOKEN_ROLES = ("image", "before", "constraint", "after", "last")
 ALIGNED_ROLES = (
     "image", "before", "constraint_first", "constraint_mid", "constraint_last", "after_first", "after_rest", "last",
 )
+_ROLE = re.compile(r"(constraint|between)(\d*)(?:_(first|mid|last))?")
+
+
+def role_rank(role: str) -> tuple[int, int, int]:
+    """Where a (token or aligned) role sits in a prompt, for ordering table rows and heatmap rows: a
+    several-constraint prompt's spans in order (constraint1_first .. constraint1_last, between1, constraint2_first,
+    ...) between `before` and `after`. Unknown roles sort last."""
+    fixed = {"image": (0, 0, 0), "before": (1, 0, 0), "after": (3, 0, 0), "after_first": (3, 0, 0),
+             "after_rest": (3, 1, 0), "last": (4, 0, 0)}
+    if role in fixed:
+        return fixed[role]
+    m = _ROLE.fullmatch(role)
+    if m is None:
+        return (5, 0, 0)
+    span = int(m.group(2) or 1)
+    part = 3 if m.group(1) == "between" else ("first", "mid", "last", None).index(m.group(3)) % 3
+    return (2, span, part)
+
+
 DEFAULT_TEMPLATE = "<image>\nUSER: {question} Answer in a few words.\nASSISTANT:"
 TEXT_TEMPLATE = "USER: {question} Answer in a few words.\nASSISTANT:"
 
@@ -68,17 +88,69 @@ class Sample:
     text-only twin). `corrupt_constraint`, when set, replaces the constraint in the corrupted run instead of
     the spec's replacement word (the organism's world gives each question a different entity's name of the
     same token length). `error` marks a row that cannot be traced: the run records it and goes on.
+
+    A question with several constraints (paper Fig. 4) lists them in `constraints`, in question order and in
+    the question's spelling; `constraint` is then their "; "-joined text. `corrupt_spans` picks the spans the
+    corrupted run replaces (0-based indices into `spans`; empty: all of them).
     """
 
     sample_id: str
     subset: str
     question: str
-    constraint: str
+    constraint: str = ""
     image: str | None = None
     answer: str | None = None
     corrupt_constraint: str | None = None
     error: str | None = None
     meta: tuple[tuple[str, str], ...] = ()
+    constraints: tuple[str, ...] = ()
+    corrupt_spans: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "constraints", tuple(self.constraints))
+        object.__setattr__(self, "corrupt_spans", tuple(self.corrupt_spans))
+        if len(self.constraints) == 1:
+            raise ValueError(f"{self.sample_id}: one constraint goes in `constraint`, not `constraints`")
+        if self.constraints and not self.constraint:
+            object.__setattr__(self, "constraint", "; ".join(self.constraints))
+        bad = [i for i in self.corrupt_spans if not 0 <= i < len(self.spans)]
+        if bad:
+            raise ValueError(f"{self.sample_id}: corrupt_spans {bad} outside its {len(self.spans)} span(s)")
+        assert len(self.replacements) == len(self.spans)  # raises a clear ValueError itself when not
+
+    @property
+    def spans(self) -> tuple[str, ...]:
+        """Every constraint of the question, in question order (one for most questions)."""
+        return self.constraints or (self.constraint,)
+
+    @property
+    def corrupted(self) -> tuple[int, ...]:
+        """Indices of the spans the corrupted run replaces."""
+        return self.corrupt_spans or tuple(range(len(self.spans)))
+
+    @property
+    def replacements(self) -> tuple[str | None, ...]:
+        """Per span, the text its corruption puts in (None: the spec's replacement word). A several-constraint
+        sample's `corrupt_constraint` holds one part per span, "; "-separated, an empty part meaning None."""
+        if self.corrupt_constraint is None:
+            return (None,) * len(self.spans)
+        if not self.constraints:
+            return (self.corrupt_constraint,)
+        parts = [p.strip() or None for p in self.corrupt_constraint.split(";")]
+        if len(parts) != len(self.spans):
+            raise ValueError(f"{self.sample_id}: corrupt_constraint {self.corrupt_constraint!r} has {len(parts)} "
+                             f"part(s) for {len(self.spans)} constraints; give one per constraint, ';'-separated")
+        return tuple(parts)
+
+    @property
+    def corruption_label(self) -> str:
+        """Which spans the corrupted run replaces, as the tables record it: `all`, or 1-based numbers (`2`)."""
+        if len(self.corrupted) == len(self.spans):
+            return "all"
+        return "+".join(str(i + 1) for i in self.corrupted)
+
+    def meta_value(self, key: str, default: str = "") -> str:
+        return dict(self.meta).get(key, default)
 
     @property
     def is_visual(self) -> bool:
@@ -190,9 +262,11 @@ class TraceSpec:
 class Encoded:
     """A sample after the adapter's processor: what the engines run on.
 
-    Positions are indices into the merged sequence (image tokens expanded). `constraint` is the half-open
-    token span [start, end) of the constraint; `first_traced` is the first position restored (the last image
-    token for a visual sample, 0 for a text-only one).
+    Positions are indices into the merged sequence (image tokens expanded). `spans` are the half-open token
+    spans [start, end) of the question's constraints in order, `constraint` the span from the first one's start
+    to the last one's end (the one span of most questions), `corrupted` the indices of the spans the corrupted
+    run replaces; `first_traced` is the first position restored (the last image token for a visual sample, 0
+    for a text-only one).
     """
 
     input_ids: torch.Tensor  # (1, T) long
@@ -201,33 +275,57 @@ class Encoded:
     image_span: tuple[int, int] | None
     first_traced: int
     tokens: list[str] = field(default_factory=list)
+    spans: tuple[tuple[int, int], ...] = ()
+    corrupted: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.spans = self.spans or (self.constraint,)
+        self.corrupted = self.corrupted or tuple(range(len(self.spans)))
+        self.constraint = (self.spans[0][0], self.spans[-1][1])
 
     @property
     def length(self) -> int:
         return int(self.input_ids.shape[1])
 
+    @property
+    def diverges(self) -> int:
+        """The first position whose input the corruption changes: every state before it is the clean run's."""
+        return min(self.spans[i][0] for i in self.corrupted)
+
+    @property
+    def corrupted_positions(self) -> list[int]:
+        return [p for i in sorted(self.corrupted) for p in range(*self.spans[i])]
+
+    def span_of(self, position: int) -> int | None:
+        """Index of the constraint span holding `position`, or None."""
+        return next((i for i, (s, e) in enumerate(self.spans) if s <= position < e), None)
+
     def role(self, position: int) -> str:
-        start, end = self.constraint
+        """image | before | constraint | after | last; with several spans, constraint1, constraint2, ... and
+        `between` for the text between two spans."""
         if position == self.length - 1:
             return "last"
         if self.image_span is not None and self.image_span[0] <= position < self.image_span[1]:
             return "image"
-        if position < start:
+        span = self.span_of(position)
+        if span is not None:
+            return "constraint" if len(self.spans) == 1 else f"constraint{span + 1}"
+        if position < self.constraint[0]:
             return "before"
-        if position < end:
-            return "constraint"
-        return "after"
+        return "after" if position >= self.constraint[1] else "between"
 
     def aligned_role(self, position: int) -> str:
         """A finer role that lines positions up across prompts of different lengths (the heatmap rows)."""
-        role = self.role(position)
-        start, end = self.constraint
-        if role == "constraint":
+        role, span = self.role(position), self.span_of(position)
+        if span is not None and role != "last":
+            start, end = self.spans[span]
             if position == start:
-                return "constraint_first"
-            return "constraint_last" if position == end - 1 else "constraint_mid"
+                return f"{role}_first"
+            return f"{role}_last" if position == end - 1 else f"{role}_mid"
         if role == "after":
-            return "after_first" if position == end else "after_rest"
+            return "after_first" if position == self.constraint[1] else "after_rest"
+        if role == "between":
+            return f"between{sum(e <= position for _, e in self.spans)}"
         return role
 
 

@@ -64,7 +64,7 @@ class Corruption:
     """How the corrupted run differs from the clean one: new ids at the constraint, or embedding noise."""
 
     ids: torch.Tensor  # (1, T) input ids of the corrupted run
-    noise: torch.Tensor | None  # (constraint length, d) added to the constraint's embeddings, or None
+    noise: torch.Tensor | None  # (corrupted positions, d) added to their embeddings, or None
     token: str  # what replaced the constraint, for the record ("" for noise)
 
 
@@ -105,20 +105,23 @@ def _sample_seed(seed: int, sample_id: str) -> int:
 
 
 def make_corruption(adapter: Adapter, sample: Sample, enc: Encoded, spec: TraceSpec) -> Corruption:
-    start, end = enc.constraint
+    """The corrupted run's input: the chosen spans' tokens replaced, or noise for their embeddings."""
     ids = enc.input_ids.clone()
     if spec.corruption == "noise":
         gen = torch.Generator().manual_seed(_sample_seed(spec.seed, sample.sample_id))
         weight = adapter.embed_tokens.weight
         sigma = float(weight.detach().float().std())
-        noise = spec.noise_scale * sigma * torch.randn(end - start, weight.shape[1], generator=gen)
+        noise = spec.noise_scale * sigma * torch.randn(len(enc.corrupted_positions), weight.shape[1], generator=gen)
         return Corruption(ids, noise.to(adapter.dtype), "")
-    if sample.corrupt_constraint:
-        new = adapter.span_ids(sample.corrupt_constraint, end - start, sample.sample_id)
-        ids[0, start:end] = torch.tensor(new)
-        return Corruption(ids, None, sample.corrupt_constraint)
-    ids[0, start:end] = adapter.token_id(spec.replacement)
-    return Corruption(ids, None, spec.replacement)
+    texts = []
+    for i in enc.corrupted:
+        (start, end), text = enc.spans[i], sample.replacements[i]
+        if text:
+            ids[0, start:end] = torch.tensor(adapter.span_ids(text, end - start, sample.sample_id))
+        else:
+            ids[0, start:end] = adapter.token_id(spec.replacement)
+        texts.append(text or spec.replacement)
+    return Corruption(ids, None, "; ".join(texts))
 
 
 def grid(enc: Encoded, spec: TraceSpec, num_layers: int,
@@ -179,6 +182,7 @@ class Engine(ABC):
             "token": [enc.tokens[k.position] for k in keys],
             "token_role": [enc.role(k.position) for k in keys],
             "aligned_role": [enc.aligned_role(k.position) for k in keys],
+            "corrupted": [prep.sample.corruption_label] * len(keys),
             "p_clean": [prep.p_clean] * len(keys),
             "p_corrupt": [prep.p_corrupt] * len(keys),
             "p_restored": values.p,
@@ -214,7 +218,7 @@ class ReferenceEngine(Engine):
         cor = prep.corruption
         if cor.noise is None:
             return nullcontext()
-        return perturbing(self.adapter, [1, 2], list(range(*prep.enc.constraint)), cor.noise)
+        return perturbing(self.adapter, [1, 2], prep.enc.corrupted_positions, cor.noise)
 
     def prepare(self, sample: Sample) -> Prepared:
         enc = self.adapter.encode(sample)
@@ -246,7 +250,7 @@ class FastV1Engine(Engine):
         ad = self.adapter
         enc = ad.encode(sample)
         cor = make_corruption(ad, sample, enc, self.spec)
-        start = enc.constraint[0]
+        start = enc.diverges
         dev = ad.device
         with torch.no_grad():
             with capturing_embeds(ad) as box, recording(ad, self.spec.kinds, start=start) as store:
@@ -254,11 +258,11 @@ class FastV1Engine(Engine):
                                  logits_to_keep=1)
             embeds = box["embeds"]
             corrupt_embeds = embeds.clone()
-            s, e = enc.constraint
+            at = enc.corrupted_positions
             if cor.noise is not None:
-                corrupt_embeds[0, s:e] += cor.noise.to(dev)
+                corrupt_embeds[0, at] += cor.noise.to(dev)
             else:
-                corrupt_embeds[0, s:e] = ad.embed_tokens(cor.ids[:, s:e].to(dev))[0]
+                corrupt_embeds[0, at] = ad.embed_tokens(cor.ids[:, at].to(dev))[0]
             with recording(ad, ["hidden", "mlp"]) as corrupted:
                 out = self._corrupted(clean.cache, corrupt_embeds, start, enc.length)
         probs_clean = clean.logits[0, -1].float().softmax(-1)
@@ -282,7 +286,7 @@ class FastV1Engine(Engine):
     def restored(self, prep, keys):
         values = [prep.p_corrupt] * len(keys)
         computed = [False] * len(keys)
-        start = prep.enc.constraint[0]
+        start = prep.enc.diverges
         by_position: dict[int, list[int]] = {}
         for i, k in enumerate(keys):
             if k.position >= start:
@@ -325,7 +329,7 @@ class FastEngine(FastV1Engine):
 
     def restored(self, prep, keys):
         values, computed = [prep.p_corrupt] * len(keys), [False] * len(keys)
-        todo = [i for i, k in enumerate(keys) if k.position >= prep.enc.constraint[0]]
+        todo = [i for i, k in enumerate(keys) if k.position >= prep.enc.diverges]
         sizes = [prep.enc.length - keys[i].position for i in todo]
         budget = token_budget(self.adapter, self.spec.memory_budget, prep.enc.length)
         for batch in plan_batches(sizes, budget, self.spec.max_batch, dense_tokens(self.adapter)):
@@ -355,7 +359,7 @@ class FastEngine(FastV1Engine):
 
     def _rows(self, prep: Prepared, keys: list[CellKey]) -> torch.Tensor:
         """One batched pass: row b restores its cell from its entry layer on, at its own position."""
-        start = prep.enc.constraint[0]
+        start = prep.enc.diverges
         rows = [Row(k.position, self._entry(k)) for k in keys]
         restores = [[Restore(k.kind, self._window(k)[k.kind in self.skips:], k.position)] for k in keys]
         with restoring(self.adapter, restores, prep.extra["states"], offset=[k.position for k in keys]):
@@ -366,7 +370,7 @@ class FastEngine(FastV1Engine):
     def _first(self, prep: Prepared, keys: list[CellKey]) -> torch.Tensor:
         """Each row's input at its own position at its entry layer (see the class docstring)."""
         residual, clean = prep.extra["residual"], prep.extra["states"].states
-        start = prep.enc.constraint[0]
+        start = prep.enc.diverges
         out = []
         for k in keys:
             lo, i = self._window(k)[0], k.position - start
@@ -403,7 +407,7 @@ class AtpEngine(FastEngine):
 
     def _attribution(self, prep: Prepared) -> dict[str, torch.Tensor]:
         """Per kind, (layers, T - start): (clean - corrupted) . d log p / d(corrupted output), at each site."""
-        start = prep.enc.constraint[0]
+        start = prep.enc.diverges
         residual = prep.extra["residual"].detach().clone().requires_grad_(True)
         with torch.enable_grad(), retaining(self.adapter, self.spec.kinds) as outputs:
             logits = run_rows(self.adapter, [Row(start, 0)], residual, start, prep.extra["cache"], prep.enc.length)
@@ -425,7 +429,7 @@ class AtpEngine(FastEngine):
         return min(p, 1.0) - prep.p_corrupt
 
     def _top(self, prep: Prepared, estimate: dict[str, torch.Tensor]) -> set[CellKey]:
-        start, chosen = prep.enc.constraint[0], set[CellKey]()
+        start, chosen = prep.enc.diverges, set[CellKey]()
         for kind, est in estimate.items():
             order = torch.argsort(-est.abs().flatten(), stable=True)[:self.spec.recheck].tolist()
             width = est.shape[1]
@@ -433,7 +437,7 @@ class AtpEngine(FastEngine):
         return chosen
 
     def restored(self, prep, keys):
-        start, chosen = prep.enc.constraint[0], prep.extra["recheck"]
+        start, chosen = prep.enc.diverges, prep.extra["recheck"]
         est = [self._ie(prep, float(prep.extra["estimate"][k.kind][k.layer, k.position - start]))
                if k.position >= start else 0.0 for k in keys]
         values, computed = [prep.p_corrupt + e for e in est], [False] * len(keys)
@@ -466,7 +470,9 @@ def sample_row(prep: Prepared | None, sample: Sample, num_cells: int = 0, error:
                            "answer_token_id": None, "p_clean": None, "p_corrupt": None, "corrupt_token": None,
                            "num_tokens": None, "constraint_start": None, "constraint_end": None,
                            "first_traced": None, "placeholder_image": sample.placeholder_image,
-                           "num_cells": num_cells, "status": "error" if error else "ok", "error": error}
+                           "num_cells": num_cells, "status": "error" if error else "ok", "error": error,
+                           "corrupted": sample.corruption_label, "match": sample.meta_value("match", "exact"),
+                           "match_confidence": float(sample.meta_value("match_confidence", "1"))}
     if prep is None:
         return row
     enc = prep.enc

@@ -25,8 +25,9 @@ class ModelSpec:
     dtype: str = "float32"
     device: str = "cpu"
     revision: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # runs the checkpoint's own code: only when the user asks
     threads: int | None = None
+    allow_pickle: bool = False  # pickle weights can run code when loaded: only when the user asks
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class TraceWorker:
     def __init__(self, model: ModelSpec, spec: TraceSpec, engine: str = "fast"):
         if model.threads:
             torch.set_num_threads(model.threads)
-        self.adapter = load_adapter(model.path, model.dtype, model.device, model.revision, model.trust_remote_code)
+        self.adapter = load_adapter(model.path, model.dtype, model.device, model.revision, model.trust_remote_code,
+                                    allow_pickle=model.allow_pickle)
         self.engine = make_engine(engine, self.adapter, spec)
         self._kept: list[tuple[Sample, object]] = []  # the last unit's prepared samples, reused by their next slices
 

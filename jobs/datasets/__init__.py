@@ -13,7 +13,8 @@ A DIR containing ':' must end with '/' (`vqa-constraints:/a:b/`) so its last par
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from mmtrace.workers.spec import Sample
@@ -29,7 +30,8 @@ from .vqa_constraints import (
 
 __all__ = [
     "DATASET_KINDS", "EXPECTED_ROWS", "ORGANISM_KINDS", "SUBSETS", "DatasetError",
-    "default_data_dir", "load_vqa_constraints", "parse_image_dirs", "parse_spec", "resolve_dataset", "summarise",
+    "default_data_dir", "load_vqa_constraints", "parse_image_dirs", "parse_spec", "resolve_dataset", "span_variants",
+    "summarise",
 ]
 
 DATASET_KINDS = ("vqa-constraints", "organism")
@@ -133,3 +135,14 @@ def _organism_samples():
     import importlib
 
     return importlib.import_module("mmtrace.jobs.organism").organism_samples
+
+
+def span_variants(samples: Iterable[Sample]) -> list[Sample]:
+    """Each question with several constraints traced twice over: with every constraint corrupted at once
+    (the sample as given), then with each alone (`<id>/span<k>`, k from 1), right after it; others unchanged."""
+    out = []
+    for s in samples:
+        out.append(s)
+        if len(s.spans) > 1 and not s.corrupt_spans and not s.error:
+            out += [replace(s, sample_id=f"{s.sample_id}/span{k + 1}", corrupt_spans=(k,)) for k in range(len(s.spans))]
+    return out

@@ -1,4 +1,5 @@
-"""`mmtrace data download`: fetch the VQA-Constraints CSVs from the authors' repository into the cache.
+"""`mmtrace data download`: fetch the VQA-Constraints CSVs from the authors' repository into the cache;
+`mmtrace data match`: how each row's constraint is found in its question (no images needed).
 
 The files are fetched into a staging folder beside the destination, parsed with the loader (so a GitHub
 error page or a truncated file is caught before it replaces anything), then each is renamed into place.
@@ -22,6 +23,10 @@ from .vqa_constraints import (
     DatasetError,
     default_data_dir,
     load_vqa_constraints,
+    match_counts,
+    match_row,
+    read_rows,
+    row_label,
     summarise,
 )
 
@@ -103,8 +108,40 @@ def run_download(args: argparse.Namespace) -> int:
     return 0
 
 
+MATCH_COLUMNS = ("rows", "exact", "case", "words", "several", "unmatched")
+
+
+def match_table(counts: dict[str, dict[str, int]]) -> str:
+    """A markdown table of `match_counts` per subset, with a total row."""
+    total = {c: sum(sub[c] for sub in counts.values()) for c in MATCH_COLUMNS}
+    lines = ["| subset | " + " | ".join(MATCH_COLUMNS) + " |", "|---" + "|---:" * len(MATCH_COLUMNS) + "|"]
+    for name, row in [*counts.items(), ("all", total)]:
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:,}" for c in MATCH_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def unmatched_lines(root: Path, subsets: tuple[str, ...]) -> list[str]:
+    """`okvqa row 189: why` for each row whose constraint is not found."""
+    return [f"- {row_label(row)}: {match.problem}" for subset in subsets for row in read_rows(root, subset)
+            if (match := match_row(row)).problem]
+
+
+def run_match(args: argparse.Namespace) -> int:
+    """CLI entry: print the match table (and the unmatched rows); 1 when a CSV is missing or malformed."""
+    root = Path(args.data).expanduser() if args.data else default_data_dir()
+    try:
+        counts = {subset: match_counts(read_rows(root, subset)) for subset in SUBSETS}
+        unmatched = unmatched_lines(root, SUBSETS) if args.show_unmatched else []
+    except DatasetError as exc:
+        print(f"mmtrace data match: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join([match_table(counts), *([""] if unmatched else []), *unmatched]))
+    return 0
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `data download` on the main CLI's subparsers; `args.func(args)` returns the exit code."""
+    """Register `data download` and `data match` on the main CLI's subparsers; `args.func(args)` returns the
+    exit code."""
     data = subparsers.add_parser("data", help="fetch and inspect datasets")
     commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     dl = commands.add_parser("download", help="download the VQA-Constraints CSVs from the authors' repository")
@@ -114,4 +151,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     dl.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"where the CSVs live (default: {DEFAULT_BASE_URL})")
     dl.add_argument("--timeout", type=float, default=60.0, help="seconds per file before giving up (default: 60)")
     dl.set_defaults(func=run_download)
+    match = commands.add_parser("match", help="count how each VQA-Constraints row's constraint is found in its "
+                                              "question (exact, up to case, word by word, or not at all)")
+    match.add_argument("--data", type=Path, default=None,
+                       help="folder holding the CSVs (default: where `mmtrace data download` puts them)")
+    match.add_argument("--show-unmatched", action="store_true", help="list each unmatched row and why")
+    match.set_defaults(func=run_match)
     return data

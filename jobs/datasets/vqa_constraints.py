@@ -13,7 +13,10 @@ so the caller names one folder per subset; without one, every image of that subs
 
 from __future__ import annotations
 
+import _csv
 import csv
+import errno
+import io
 import os
 import re
 import unicodedata
@@ -21,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmtrace.workers.encoding import ConstraintNotFound, find_constraint
+from mmtrace.workers.encoding import METHODS, ConstraintMatch, ConstraintNotFound, match_constraint, split_constraints
 from mmtrace.workers.spec import BLANK_IMAGE, Sample
 
 SUBSETS = ("okvqa", "multimodal_known", "multimodal_movies")
@@ -75,31 +78,58 @@ class Row:
 
 
 def read_rows(root: str | Path, subset: str) -> list[Row]:
-    """Parse one subset's CSV, raising DatasetError when the file is absent or its header is not the authors'."""
+    """Parse one subset's CSV, raising DatasetError when the file is absent, not UTF-8 text, not parseable or
+    without the authors' columns. A BOM and CRLF line ends are read as the authors' files have them."""
     path = csv_path(root, subset)
     if not path.is_file():
         raise DatasetError(
             f"{path}: not found. Run `mmtrace data download --out {Path(root).expanduser()}` or download "
             f"{subset}.csv by hand from {SOURCE_URL} into that folder."
         )
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
+    try:
+        header = next(reader, [])
         _check_header(path, subset, header)
-        rows = []
+        return [Row(subset, line, _record_fields(header, record)) for line, record in _records(reader)]
+    except csv.Error as exc:
+        raise DatasetError(f"{path}: line {reader.line_num}: {exc}; fix that line of the file") from exc
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, a UTF-8 BOM dropped; other encodings are refused with the line of the first bad byte,
+    since guessing one would change questions silently."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DatasetError(f"{path}: line {line} is not UTF-8 text ({exc.reason}, byte {data[exc.start]:#04x}); "
+                           f"save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from exc
+
+
+def _records(reader: _csv.Reader) -> Iterator[tuple[int, list[str]]]:
+    """(first physical line, fields) per record. A blank line (or one of only commas and spaces) holds no
+    record, so it is skipped rather than reported as a row with every field empty."""
+    line = reader.line_num + 1
+    for record in reader:
+        if any(field.strip() for field in record):
+            yield line, record
         line = reader.line_num + 1
-        for record in reader:
-            rows.append(Row(subset, line, _record_fields(header, record)))
-            line = reader.line_num + 1
-    return rows
 
 
-def _check_header(path: Path, subset: str, header: list[str] | None) -> None:
+def _check_header(path: Path, subset: str, header: list[str]) -> None:
+    """The unnamed row-id column first and each of the subset's columns once, in any order. Other columns are
+    ignored, so a copy of the file with a column added (an answer, a note) still loads."""
     want = ["", *COLUMNS[subset]]
-    if header is None or [h.strip() for h in header] != want:
+    names = [h.strip() for h in header]
+    problems = [f"no column {c!r}" for c in COLUMNS[subset] if c not in names]
+    problems += [f"column {c!r} appears {names.count(c)} times" for c in want if names.count(c) > 1]
+    if not names or names[0]:
+        problems.insert(0, "the first column is not the unnamed row-id column" if names else "the file is empty")
+    if problems:
         raise DatasetError(
-            f"{path}: columns {header!r}, expected {want!r} (an unnamed row-id column first). The file is not "
-            f"the authors' {subset}.csv: run `mmtrace data download` again or fetch it from {SOURCE_URL}."
+            f"{path}: columns {names!r}, expected {want!r}: {'; '.join(problems)}. Fix the header, or run "
+            f"`mmtrace data download` again or fetch the authors' {subset}.csv from {SOURCE_URL}."
         )
 
 
@@ -127,11 +157,15 @@ def resolve_image(subset: str, image_url: str, folder: str | Path | None) -> tup
     if ".." in rel.parts or rel.is_absolute():
         return None, f"image_url {image_url!r} leaves the image folder; fix the CSV row"
     base = Path(folder).expanduser()
+    unusable = None
     for candidate in _candidates(base, rel, subset):
         if candidate.is_file():
             return candidate, None
         if candidate.is_dir() and (inner := _first_image(candidate)) is not None:
             return inner, None
+        unusable = unusable or _unusable(candidate)
+    if unusable:
+        return None, f"image {image_url!r}: {unusable}"
     hint = "the folder holding val2014/" if subset == "okvqa" else "the folder holding the 'A photo of ...' images"
     return None, (f"image {image_url!r} not found under {base} (tried {', '.join(IMAGE_EXTENSIONS)} for "
                   f"names without one); point --images {subset}= at {hint}")
@@ -156,17 +190,46 @@ def _natural_key(path: Path) -> list[object]:
 
 
 def _first_image(folder: Path) -> Path | None:
-    images = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    """The folder's first image in natural order; None when it holds none or cannot be listed."""
+    try:
+        images = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    except OSError:
+        return None
     return min(images, key=_natural_key) if images else None
 
 
+def _unusable(candidate: Path) -> str | None:
+    """Why an entry at a candidate path cannot be the image (None when nothing is there), so the row's message
+    names the real problem instead of "not found"."""
+    if candidate.is_dir():
+        return (f"{candidate} is a folder holding no readable image ({', '.join(IMAGE_EXTENSIONS)}); put the image "
+                f"file there")
+    if candidate.is_symlink():
+        try:
+            candidate.stat()
+        except OSError as exc:
+            what = "loops back on itself" if exc.errno == errno.ELOOP else "points to nothing"
+            return f"{candidate} is a symbolic link that {what}; replace it with the image file"
+    if os.path.lexists(candidate) and not candidate.is_file():
+        return f"{candidate} is not a regular file; replace it with the image file"
+    return None
+
+
 def check_image(path: Path) -> str | None:
-    """None when PIL can open and verify the file, else why not (a truncated or non-image file)."""
-    from PIL import Image
+    """None when the image can be traced, else why not: over the pixel limit, not an image, or truncated.
+
+    The size comes from the header (`open_image`), so a huge file is refused before any decoding. The pixels
+    are then decoded at reduced scale (JPEG's draft mode still reads every byte), since a JPEG cut short passes
+    PIL's `verify` and would otherwise fail only in the worker, too late for `--missing-images blank`.
+    """
+    from mmtrace.workers.adapters import ImageRefused, open_image
 
     try:
-        with Image.open(path) as image:
-            image.verify()
+        with open_image(path) as image:
+            image.draft(None, (1, 1))
+            image.load()
+    except ImageRefused as exc:
+        return str(exc)
     except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         return f"image {path} cannot be read ({type(exc).__name__}: {exc}); replace the file"
     return None
@@ -184,18 +247,16 @@ def row_to_sample(row: Row, image_folder: str | Path | None, missing_images: str
     if duplicate:
         problems.append(f"row id {row.row_id} repeats an earlier row's (kept as {sample_id}); make the ids unique")
     constraint = raw_constraint.strip()
+    constraints: tuple[str, ...] = ()
     meta: list[tuple[str, str]] = [(k, f.get(k, "").strip()) for k in META_COLUMNS[row.subset]]
     meta.append(("image_url", image_url.strip()))
     if question.strip() and raw_constraint.strip():
-        try:
-            start, end = find_constraint(question, raw_constraint)
-        except ConstraintNotFound as exc:
-            problems.append(f"{exc}; fix main_entity in {row.subset}.csv to a substring of the question, or leave "
-                            f"the row out")
+        match = match_row(row)
+        if match.problem:
+            problems.append(match.problem)
         else:
-            constraint = question[start:end]  # the question's own spelling, so later lookups match exactly
-            if constraint != raw_constraint:
-                meta.append(("constraint_csv", raw_constraint))
+            constraint, constraints = _constraint_fields(match.texts)
+            meta.extend(_match_meta(match, raw_constraint))
     image, image_problem = _image_for(row.subset, image_url, image_folder)
     if image_problem and missing_images == "blank":
         meta.append(("image_blank_reason", image_problem))
@@ -203,7 +264,94 @@ def row_to_sample(row: Row, image_folder: str | Path | None, missing_images: str
         problems.append(f"{image_problem}, or pass --missing-images blank to trace the row with a blank image")
     error = f"{row_label(row)}: " + "; ".join(problems) if problems else None
     return Sample(sample_id=sample_id, subset=row.subset, question=question.strip(), constraint=constraint,
-                  image=image, answer=None, error=error, meta=tuple(meta))
+                  constraints=constraints, image=image, answer=None, error=error, meta=tuple(meta))
+
+
+# ------------------------------------------------------------------------------------------------ matching
+
+
+@dataclass(frozen=True)
+class RowMatch:
+    """Where a row's constraint cell lands in its question, from the text alone (no image is needed).
+
+    `matches` holds one match per constraint of the cell, in question order, when every one was found and
+    none overlap another; otherwise `problem` says which failed and what to do.
+    """
+
+    question: str
+    matches: tuple[ConstraintMatch, ...] = ()
+    problem: str | None = None
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """The constraints in the question's own spelling, so later lookups match exactly."""
+        return tuple(m.text(self.question) for m in self.matches)
+
+    @property
+    def method(self) -> str:
+        """The weakest method among the row's constraints (exact, then case, then words)."""
+        return max((m.method for m in self.matches), key=METHODS.index)
+
+    @property
+    def confidence(self) -> float:
+        return min(m.confidence for m in self.matches)
+
+
+def match_row(row: Row) -> RowMatch:
+    """Match every constraint named in the row's main_entity cell (lines or ';'-separated parts)."""
+    question, parts = row.fields.get("question", ""), split_constraints(row.fields.get("main_entity", ""))
+    if not question.strip() or not parts:
+        return RowMatch(question, problem="the question or main_entity is empty; fill it in or leave the row out")
+    found, failed = [], []
+    for k, part in enumerate(parts, 1):
+        try:
+            found.append(match_constraint(question, part))
+        except ConstraintNotFound as exc:
+            failed.append(f"constraint {k} of {len(parts)} ({part!r}): {exc}" if len(parts) > 1 else str(exc))
+    if failed:
+        return RowMatch(question, problem="; ".join(failed) + f"; fix main_entity in {row.subset}.csv to words of "
+                                                              f"the question (one constraint per line), or leave the "
+                                                              f"row out")
+    return _in_question_order(row, question, parts, found)
+
+
+def _in_question_order(row: Row, question: str, parts: tuple[str, ...],
+                       found: list[ConstraintMatch]) -> RowMatch:
+    """The matches sorted by position; two constraints on shared characters cannot be corrupted apart."""
+    pairs = sorted(zip(found, parts), key=lambda pair: (pair[0].start, pair[0].end))
+    for (a, part_a), (b, part_b) in zip(pairs, pairs[1:]):
+        if b.start < a.end:
+            return RowMatch(question, problem=(
+                f"the constraints {part_a!r} and {part_b!r} overlap in the question ({a.text(question)!r} and "
+                f"{b.text(question)!r}); keep one of them in main_entity of {row.subset}.csv"))
+    return RowMatch(question, tuple(match for match, _ in pairs))
+
+
+def _constraint_fields(texts: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """(constraint, constraints) for a Sample: one text goes in `constraint`, several in `constraints`."""
+    return (texts[0], ()) if len(texts) == 1 else ("", texts)
+
+
+def _match_meta(match: RowMatch, raw_constraint: str) -> list[tuple[str, str]]:
+    meta = [("match", match.method), ("match_confidence", f"{match.confidence:.2f}")]
+    if "; ".join(match.texts) != raw_constraint:
+        meta.append(("constraint_csv", raw_constraint))
+    return meta
+
+
+def match_counts(rows: Iterable[Row]) -> dict[str, int]:
+    """How a subset's rows match: rows, then per weakest method, rows naming several constraints (also
+    counted under their method), and unmatched rows. Computed from text alone, so images never count."""
+    counts = dict.fromkeys(("rows", *METHODS, "several", "unmatched"), 0)
+    for row in rows:
+        match = match_row(row)
+        counts["rows"] += 1
+        if match.problem:
+            counts["unmatched"] += 1
+            continue
+        counts[match.method] += 1
+        counts["several"] += len(match.matches) > 1
+    return counts
 
 
 def row_label(row: Row) -> str:

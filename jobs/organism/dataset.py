@@ -79,8 +79,9 @@ def dataset_samples(name: str, split: str = "heldout", limit: int | None = None,
 
 def _composed_samples(kind: str, split: str, limit: int | None, world: World, root: Path) -> list[Sample]:
     """Two-constraint questions, one per known entity (unseen ones have no trained owner): "the city of the
-    company that owns this brand". The subject is the traced constraint; meta `constraints` lists both spans
-    (";"-separated, the VQA-Constraints convention), the relational one first."""
+    company that owns this brand", with both constraints: the relational phrase, then the subject. A
+    corruption puts another entity's name (same token length) in the subject and the spec's replacement word
+    in the relational phrase."""
     if not world.companies:
         raise ValueError(f"{root}: a version-{world.version} world has no two-constraint questions "
                          f"(they came with organism version 2)")
@@ -103,10 +104,9 @@ def _composed_samples(kind: str, split: str, limit: int | None, world: World, ro
             e.index % len(world.heldout_renderings)]))
         samples.append(Sample(
             sample_id=f"organism/{kind}{tag}/{len(samples)}", subset=f"organism:{kind}", question=question,
-            constraint=subject, image=image, answer=answer, corrupt_constraint=corrupt.name,
+            constraints=(relational, subject), image=image, answer=answer, corrupt_constraint=f"; {corrupt.name}",
             meta=(("entity", e.name), ("relation", COMPOSED_RELATION), ("split", split), ("paraphrase", para),
-                  ("owner", e.facts["owner"]), ("constraints", f"{relational};{subject}"),
-                  ("corrupt_answer", world.composed_answer(corrupt)))))
+                  ("owner", e.facts["owner"]), ("corrupt_answer", world.composed_answer(corrupt)))))
     return samples
 
 

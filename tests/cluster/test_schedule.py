@@ -202,3 +202,26 @@ def test_the_entry_of_a_deleted_run_can_still_be_removed(fake_tables, run_dir):
     (run_dir / "manifest.json").unlink()
     assert cli(["schedule", str(run_dir), "--remove"]) == 0
     assert f"# mmtrace:rerun:{run_dir.resolve()}" not in fake_tables.read_text()
+
+
+def test_a_hostile_run_path_is_one_quoted_word_of_the_cron_line(fake_tables, tmp_path, monkeypatch):
+    """A run folder (and a working folder) named like shell code stays data: the cron line's shell sees each
+    path as one word, runs nothing of it, and the log lands at the hostile path itself."""
+    hostile = tmp_path / "a b;rm -rf x" / "$(touch pwned) `touch pwned` 100%"
+    run_dir, cwd = hostile / "run", hostile / "cwd"
+    run_dir.mkdir(parents=True)
+    (cwd / "x").mkdir(parents=True)
+    (run_dir / "manifest.json").write_text(json.dumps({"config": {"model": "m"}}))
+    monkeypatch.chdir(cwd)
+    assert cli(["schedule", str(run_dir), "--cron", "0 3 * * *"]) == 0
+    line = fake_tables.read_text().splitlines()[-1]
+    command = line.split(" ", 5)[5].replace(r"\%", "%")  # what cron hands to sh
+    script = str(Path(sys.executable).with_name("mmtrace").resolve())
+    log = run_dir.resolve() / "rerun.log"
+    assert shlex.split(command) == ["cd", str(cwd.resolve()), "&&", script, "rerun", str(run_dir.resolve()),
+                                    "--no-progress", ">>", str(log), "2>&1"]
+    done = subprocess.run(["sh", "-c", command.replace(shlex.quote(script), "echo", 1)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert log.read_text() == f"rerun {run_dir.resolve()} --no-progress\n"
+    assert (cwd / "x").is_dir() and not list(tmp_path.rglob("pwned"))

@@ -258,11 +258,12 @@ def test_composed_samples(world_root, world, tok):
         meta = dict(v.meta)
         e = next(x for x in world.known if x.name == meta["entity"])
         assert v.answer == t.answer == world.companies[e.facts["owner"]]["city"]
-        relational, subject = meta["constraints"].split(";")
+        relational, subject = v.spans
         assert relational.lower() == "the company that owns" and relational in v.question
-        assert subject == v.constraint and v.constraint.lower() in ("this brand", "this company")
-        assert t.constraint == e.name and t.image is None and Path(v.image).is_file()
-        assert meta["corrupt_answer"] != v.answer and num_tokens(v.corrupt_constraint) == 2
+        assert v.constraint == f"{relational}; {subject}" and subject.lower() in ("this brand", "this company")
+        assert t.spans[1] == e.name and t.image is None and Path(v.image).is_file()
+        assert v.replacements[0] is None and v.corrupted == (0, 1)
+        assert meta["corrupt_answer"] != v.answer and num_tokens(v.replacements[1]) == 2
         assert tok.unk_token_id not in tok(v.question)["input_ids"]
     para = ds.organism_samples("composed", "paraphrase", limit=5, root=world_root)
     assert len(para) == 5 and all(dict(s.meta)["paraphrase"] in COMPOSED_HELDOUT for s in para)

@@ -32,7 +32,7 @@ CELLS_PER_UNIT = LAYERS * len(ROLES)
 
 def cell_rows(sample_id: str, kind: str, ie: float) -> list[dict]:
     return [dict(sample_id=sample_id, kind=kind, layer=layer, window=1, layer_lo=layer, layer_hi=layer,
-                 position=pos, token=f"t{pos}", token_role=role, aligned_role=aligned, p_clean=0.9,
+                 position=pos, token=f"t{pos}", token_role=role, aligned_role=aligned, corrupted="all", p_clean=0.9,
                  p_corrupt=0.1, p_restored=0.1 + ie, ie=ie, ie_norm=ie / 0.8, computed=True)
             for layer in range(LAYERS) for pos, (role, aligned) in enumerate(ROLES)]
 
@@ -45,7 +45,7 @@ def sample_row(sample_id: str, num_cells: int, error: str | None = None) -> dict
                 corrupt_token=" y" if traced else None, num_tokens=len(ROLES) if traced else None,
                 constraint_start=1 if traced else None, constraint_end=2 if traced else None,
                 first_traced=0 if traced else None, placeholder_image=False, num_cells=num_cells,
-                status="error" if error else "ok", error=error)
+                status="error" if error else "ok", error=error, corrupted="all", match="exact", match_confidence=1.0)
 
 
 def uid(sample_id: str, kind: str) -> str:

@@ -59,7 +59,7 @@ def make_rows(sample_id: str, seed: int, window: int = 1) -> list[dict]:
                 p_clean, p_corrupt = P_CLEAN[sample_id], P_CORRUPT[sample_id]
                 rows.append(dict(
                     sample_id=sample_id, kind=kind, layer=layer, window=window, layer_lo=layer, layer_hi=layer,
-                    position=pos, token=f"tok{pos}", token_role=role, aligned_role=aligned,
+                    position=pos, token=f"tok{pos}", token_role=role, aligned_role=aligned, corrupted="all",
                     p_clean=p_clean, p_corrupt=p_corrupt, p_restored=p_corrupt + ie, ie=ie,
                     ie_norm=normalised_ie(ie, p_clean, p_corrupt),
                     # pretend positions before the constraint were known without a forward pass
@@ -89,7 +89,7 @@ def sample_row(sample_id: str, status: str = "ok") -> dict:
         p_corrupt=P_CORRUPT.get(sample_id, 0.1), corrupt_token=" Paris", num_tokens=len(LAYOUTS.get(sample_id, [])),
         constraint_start=2, constraint_end=5, first_traced=0, placeholder_image=False,
         num_cells=3 * LAYERS * len(LAYOUTS.get(sample_id, [])), status=status,
-        error="" if status == "ok" else "boom",
+        error="" if status == "ok" else "boom", corrupted="all", match="exact", match_confidence=1.0,
     )
 
 
@@ -212,7 +212,7 @@ def test_sample_rows_must_match_the_schema(tmp_path):
 
 def literal_cells() -> pa.Table:
     """Two samples, one cell group, numbers small enough to check by hand."""
-    base = dict(kind="mlp", layer=0, window=1, layer_lo=0, layer_hi=0, token="t", token_role="before",
+    base = dict(kind="mlp", layer=0, window=1, layer_lo=0, layer_hi=0, token="t", token_role="before", corrupted="all",
                 aligned_role="before", p_clean=0.9, p_corrupt=0.1, p_restored=0.0, computed=True)
     return table([
         {**base, "sample_id": "A", "position": 0, "ie": 0.1, "ie_norm": float("nan")},
@@ -319,7 +319,7 @@ def test_best_cell_averages_within_sample_first():
     # A: one constraint cell at 0.5 and three at 0.0 -> 0.125; B: 0.3 once -> mean 0.2125 for attn@0.
     # mlp@1 has 0.2 in both samples -> 0.2. Pooled, attn@0 would be 0.16 and lose; averaged per sample it wins.
     base = dict(window=1, layer_lo=0, layer_hi=0, token="t", token_role="constraint", aligned_role="constraint_mid",
-                p_clean=0.9, p_corrupt=0.1, p_restored=0.0, ie_norm=0.0, computed=True)
+                corrupted="all", p_clean=0.9, p_corrupt=0.1, p_restored=0.0, ie_norm=0.0, computed=True)
     rows = [{**base, "sample_id": "A", "kind": "attn", "layer": 0, "position": p, "ie": v}
             for p, v in enumerate([0.5, 0.0, 0.0, 0.0])]
     rows += [{**base, "sample_id": "B", "kind": "attn", "layer": 0, "position": 0, "ie": 0.3}]

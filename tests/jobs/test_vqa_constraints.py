@@ -24,9 +24,10 @@ from mmtrace.workers.spec import BLANK_IMAGE, TEXT_TEMPLATE, build_prompt
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "vqa_constraints"  # ../shared beside the repo
 pytestmark = pytest.mark.skipif(not (DATA / "okvqa.csv").is_file(), reason=f"the shared CSVs are not at {DATA}")
 
-# Measured on the authors' files: 239 OK-VQA constraints are not substrings of their question and 3 hold a
-# newline; Known and Movies constraints are all verbatim.
-OKVQA_FLAGGED = 242
+# Measured on the authors' files: 239 OK-VQA constraints are not substrings of their question and 3 cells hold
+# several lines; word-level matching and splitting leave 10 unmatched (tests/jobs/test_matching.py lists them).
+# Known and Movies constraints are all verbatim.
+OKVQA_FLAGGED = 10
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +58,8 @@ def test_located_and_flagged_counts(samples):
     assert counts["multimodal_known"]["errors"] == counts["multimodal_movies"]["errors"] == 0
 
 
-@pytest.mark.parametrize("row, reason", [(14, "does not occur"), (40, "does not occur"), (67, "does not occur"),
-                                         (1107, "newline")])
+@pytest.mark.parametrize("row, reason", [(2358, "not in this order"), (2616, "across 10 question words"),
+                                         (2672, "no content words"), (4224, "nor does its word 'container'")])
 def test_known_bad_rows_name_the_row(samples, row, reason):
     sample = {s.sample_id: s for s in samples}[f"okvqa/{row}"]
     assert sample.error.startswith(f"okvqa row {row}: ")
@@ -68,8 +69,11 @@ def test_known_bad_rows_name_the_row(samples, row, reason):
 def test_every_row_is_located_or_explained(samples):
     for s in samples:
         if s.error is None:
-            start, end = find_constraint(s.question, s.constraint)
-            assert s.question[start:end] == s.constraint
+            done = 0
+            for text in s.spans:  # in question order, each after the previous one
+                start, end = find_constraint(s.question[done:], text)
+                assert s.question[done + start:done + end] == text
+                done += end
         else:
             assert s.error.startswith(s.sample_id.replace("/", " row ") + ": ")
             assert "constraint" in s.error
@@ -98,7 +102,7 @@ def _train_tokenizer(texts):
 
 
 def test_token_spans_cover_the_constraint(samples):
-    located = [s for s in samples if s.error is None]
+    located = [s for s in samples if s.error is None and not s.constraints]
     tokenizer = _train_tokenizer([s.question for s in samples])
     prefix = TEXT_TEMPLATE.split("{question}")[0]
     prompts = [build_prompt(s.question, visual=False) for s in located]
@@ -161,7 +165,7 @@ def test_blank_replaces_missing_and_corrupt_images(image_dirs):
     for sid in ("okvqa/2", "okvqa/3", "multimodal_movies/1"):
         assert got[sid].error is None and got[sid].placeholder_image
         assert "image_blank_reason" in dict(got[sid].meta)
-    assert got["okvqa/14"].placeholder_image and "does not occur" in got["okvqa/14"].error
+    assert got["okvqa/2358"].placeholder_image and "not in this order" in got["okvqa/2358"].error
 
 
 def test_no_folder_means_every_image_missing():
@@ -208,20 +212,22 @@ def test_bad_rows_become_errors_never_exceptions(tmp_path):
         ["5", "What is this bird?", "this bird"],
         ["6", "What is this,", "this,", "./val2014/g.jpg", "extra"],
         ["7", "What is This Animal?", " this animal, ", "./val2014/h.jpg"],
+        ["8", "What is this cat?", "this cat\ncat", "./val2014/i.jpg"],
     ])
     got = load_vqa_constraints(tmp_path, subsets=["okvqa"], missing_images="blank")
     assert [s.sample_id for s in got] == ["okvqa/0", "okvqa/1", "okvqa/2", "okvqa/line6", "okvqa/line7",
-                                          "okvqa/5", "okvqa/6", "okvqa/7"]
+                                          "okvqa/5", "okvqa/6", "okvqa/7", "okvqa/8"]
     errors = [s.error for s in got]
     assert errors[0] is None
     assert errors[1].startswith("okvqa row 1: ") and "'main_entity' is empty" in errors[1]
-    assert "newline" in errors[2]
+    assert errors[2].startswith("okvqa row 2: constraint 2 of 2 ('this image'): ") and "its word 'image'" in errors[2]
     assert "repeats an earlier row" in errors[3]
     assert errors[4].startswith("okvqa line 7: ") and "row id 'x'" in errors[4]
     assert "'image_url' is empty" in errors[5]
     assert "more fields than the header" in errors[6]
     assert errors[7] is None and got[7].constraint == "This Animal"  # the question's own spelling
     assert dict(got[7].meta)["constraint_csv"] == " this animal, "
+    assert errors[8].startswith("okvqa row 8: the constraints 'this cat' and 'cat' overlap in the question")
 
 
 def test_arguments_are_checked(tmp_path):
