@@ -250,7 +250,7 @@ def local_run(llava_dir, tmp_path_factory):
     """The reference: the same VQA-Constraints trace on the in-process backend."""
     out = tmp_path_factory.mktemp("local") / "trace"
     result = run_trace(trace_config(llava_dir, out))
-    assert result.reduced.ok == 5 and result.reduced.samples == 6  # one OK-VQA row's constraint is not verbatim
+    assert result.reduced.ok == 6 and result.reduced.samples == 6  # okvqa/1's constraint found by its words
     return out
 
 
@@ -529,7 +529,7 @@ def test_a_trace_runs_on_a_ray_start_head(ray_head, llava_dir, local_run, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     got = last_json(done.stdout)
     assert got["gcs"] == ray_head and got["nodes"] == ["127.0.0.1"] and got["computed"] == 18
-    assert got["ok"] == 5, pd.read_parquet(out / "samples.parquet")["error"].tolist()
+    assert got["ok"] == 6, pd.read_parquet(out / "samples.parquet")["error"].tolist()
     assert_same_cells(cells_of(out), cells_of(local_run))
 
 

@@ -43,6 +43,9 @@ def test_outputs_are_written_and_readable_everywhere(run):
     assert samples["placeholder_image"].all()
     errors = samples.set_index("sample_id")["error"]
     assert pd.isna(errors["okvqa/14"])  # "bike on the ground" matched word by word: "bike is on the ground"
+    row14 = samples.set_index("sample_id").loc["okvqa/14"]
+    assert row14["status"] == "ok" and row14["match"] == "words" and row14["constraint"] == "bike is on the ground"
+    assert 0 < row14["match_confidence"] < 0.9 and row14["num_cells"] > 0
     ok = samples[samples.status == "ok"]
     assert len(ok) == 20 and set(cells_pd["sample_id"]) == set(ok["sample_id"])
     assert (ok["num_cells"].sum()) == len(cells_pd)
