@@ -50,7 +50,7 @@ from mmtrace.jobs.run import (
     run_trace,
     unfinished_units,
 )
-from mmtrace.workers.adapters import prompt_templates
+from mmtrace.workers.adapters import open_image, prompt_templates, to_rgb
 from mmtrace.workers.attention import (
     ALL_HEADS,
     ATTENTION_SAMPLE_SCHEMA,
@@ -642,7 +642,6 @@ def plot_ablation(ablation: pd.DataFrame, path: Path, title: str | None) -> Path
 def plot_patches(tokens: pd.DataFrame, samples: pd.DataFrame, path: Path, count: int, top_k: int) -> Path | None:
     """The first `count` visual samples' pictures with their top-k patches outlined (rank 1 thickest)."""
     from matplotlib.patches import Rectangle
-    from PIL import Image
 
     shown = [row for row in samples.itertuples() if row.status == "ok" and row.variant == "visual"
              and row.image and Path(row.image).is_file() and row.sample_id in set(tokens["sample_id"])][:count]
@@ -653,8 +652,8 @@ def plot_patches(tokens: pd.DataFrame, samples: pd.DataFrame, path: Path, count:
     for ax, row in zip(axes, gridded):
         mine = tokens[tokens["sample_id"] == row.sample_id]
         side = int(mine["patch_row"].max()) + 1
-        with Image.open(row.image) as im:
-            picture = np.asarray(_square(im.convert("RGB")))
+        with open_image(row.image) as im:
+            picture = np.asarray(_square(to_rgb(im)))
         cell = picture.shape[0] / side
         ax.imshow(picture)
         for tok in mine[mine["top"]].itertuples():

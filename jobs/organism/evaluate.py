@@ -35,7 +35,7 @@ def corrupted_question(sample: Sample) -> str:
 def next_token_probs(model, processor, questions: list[str], images: list[str | None],
                      batch_size: int = 64) -> torch.Tensor:
     """Next-token distributions (N, V) after "ASSISTANT:" for each (question, image-or-None) prompt."""
-    from PIL import Image
+    from mmtrace.workers.adapters import open_image, to_rgb
 
     out = []
     for i in range(0, len(questions), batch_size):
@@ -45,7 +45,7 @@ def next_token_probs(model, processor, questions: list[str], images: list[str | 
             raise ValueError("a batch mixes visual and text-only prompts")
         prompts = [build_prompt(q, visual=v) for q, v in zip(qs, visual)]
         if all(visual):
-            pics = [Image.open(p).convert("RGB") for p in ims]
+            pics = [to_rgb(open_image(p)) for p in ims]
             enc = processor(images=pics, text=prompts, padding=True, return_tensors="pt")
         else:
             enc = processor.tokenizer(prompts, padding=True, return_tensors="pt")

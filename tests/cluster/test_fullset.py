@@ -46,7 +46,7 @@ def cache_env(organism_dir) -> dict[str, str]:
 def job_head(cache_env):
     """A head from cluster/ray-up.sh with its job server, always stopped by cluster/ray-down.sh."""
     if not fullset.RAY.exists():
-        pytest.skip(f"no ray command at {fullset.RAY}")
+        pytest.skip(reason=f"no ray command at {fullset.RAY}")
     state = Path(tempfile.mkdtemp(prefix="mmtrace-ray-", dir="/tmp"))  # short: Ray's socket paths are limited
     tree: list[int] = []
     try:
